@@ -16,7 +16,7 @@ export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 /** Granularity of the random/pattern split when `entropy` < 100. */
 export const ENTROPY_UNIT = 64 * 1024;
 /** Length of the repeating pattern used for the compressible part. */
-const PATTERN_LENGTH = 4096;
+const PATTERN_LENGTH = 256;
 /** Bumped whenever the byte stream changes, so digests from old versions never collide. */
 const CONTENT_VERSION = "imgmkr-content-v1";
 

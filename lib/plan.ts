@@ -186,7 +186,7 @@ interface MockFsInput {
 
 function planMockFs(input: MockFsInput): LayerPlan {
   const { index, size, root, keyBase, count, maxDepth, seed } = input;
-  const rng = new Xorshift128(seed, `plan\0${keyBase}`);
+  const rng = new Xorshift128(seed, `plan\0${root}`);
   const scratch = new Uint32Array(1);
   const rand = () => uniform(rng, scratch);
 
