@@ -252,6 +252,9 @@ function checkTmpdir(dir: string): void {
   if (!st.isDirectory) usage(`Cannot use --tmpdir-prefix '${dir}': it is not a directory`);
   try {
     accessSync(dir, fsConstants.W_OK | fsConstants.X_OK);
+    // Deno's accessSync checks mode bits only, so root passes on a read-only mount:
+    // create (and at once remove) an empty probe dir to know for sure.
+    Deno.removeSync(Deno.makeTempDirSync({ dir, prefix: ".imgmkr-probe-" }));
   } catch {
     usage(
       `Cannot use --tmpdir-prefix '${dir}': it is not writable; pick a directory you can write to`,

@@ -9,7 +9,9 @@
 import { type BuilderName, checkDaemon, detectBuilder, loadCommand, LOADERS } from "./engine.ts";
 import { UsageError } from "./errors.ts";
 import { buildLayer } from "./layer.ts";
-import { createLayoutSink, createLoadSink, createOciArchiveSink } from "./layout.ts";
+import { createLoadSink, createOciArchiveSink } from "./archive.ts";
+import { createLayoutSink } from "./layout.ts";
+import { tarSize } from "./tar.ts";
 import {
   type Blob,
   type BlobWriter,
@@ -30,8 +32,9 @@ import type { Progress } from "./progress.ts";
 import {
   createRegistrySink,
   isRetryableBlobError,
+  type PushStats,
+  type RegistrySink,
   type RegistrySinkOptions,
-  type RegistryStats,
 } from "./registry.ts";
 import type { Reference } from "./reference.ts";
 import { formatSize } from "./sizes.ts";
@@ -145,7 +148,7 @@ export interface NativeSummary {
   /** Seconds per stage. */
   timings: Record<string, number>;
   /** Push figures, when pushing. */
-  push?: RegistryStats;
+  push?: PushStats;
   /** The line printed without --json. */
   printed: string;
 }
@@ -155,14 +158,60 @@ function layerKey(plan: LayerPlan): string {
   return plan.files.map((f) => f.key).join("\n");
 }
 
+/** The sinks of one run, opened before any layer is built. */
+interface Sinks {
+  /** Sinks that take the layers of the main pass (layout, archive, and load when uncompressed). */
+  local: ImageSink[];
+  /** The engine load, if any. */
+  load?: ImageSink;
+  /** The registry, if pushing. */
+  registry?: RegistrySink;
+  /** Every sink, for abort. */
+  all: ImageSink[];
+}
+
+async function openSinks(
+  options: NativeOptions,
+  loadBuilder: BuilderName | undefined,
+): Promise<Sinks> {
+  const sinks: Sinks = { local: [], all: [] };
+  try {
+    for (const o of options.outputs) {
+      let sink: ImageSink;
+      if (o.kind === "oci") sink = await createLayoutSink({ dir: o.dir });
+      else if (o.kind === "oci-archive") sink = await createOciArchiveSink({ file: o.file });
+      else if (o.kind === "load") {
+        sink = sinks.load = await createLoadSink({
+          command: loadCommand(loadBuilder!),
+          platform: options.platforms[0],
+        });
+      } else {
+        sink = sinks.registry = createRegistrySink({
+          ...options.registry,
+          reference: options.reference,
+          retries: options.retries,
+        });
+      }
+      sinks.all.push(sink);
+      if (o.kind === "oci" || o.kind === "oci-archive") sinks.local.push(sink);
+    }
+  } catch (error) {
+    await Promise.allSettled(sinks.all.map((s) => s.abort()));
+    throw error;
+  }
+  return sinks;
+}
+
 /**
  * Builds the image natively into every output.
  *
- * @throws {UsageError} when `load` has no usable engine.
+ * @throws {UsageError} when `load` has no usable engine or an output path is unusable.
  */
 export async function runNative(options: NativeOptions): Promise<NativeSummary> {
   const { progress, signal } = options;
-  const compression = options.compression ?? "gzip";
+  const onlyLoad = options.outputs.every((o) => o.kind === "load");
+  // Engines store layers uncompressed, so a load on its own needs no compression at all.
+  const compression = onlyLoad ? "none" : options.compression ?? "gzip";
   const timings: Record<string, number> = {};
   const started = performance.now();
   const lap = (name: string, since: number) =>
@@ -179,57 +228,45 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     progress.stage(`Checking ${loadBuilder}`);
     await checkDaemon(loadBuilder, { signal });
   }
-
-  const local: ImageSink[] = [];
-  let loadSink: ImageSink | undefined;
-  let registry: ReturnType<typeof createRegistrySink> | undefined;
-  for (const o of options.outputs) {
-    if (o.kind === "oci") local.push(createLayoutSink({ dir: o.dir }));
-    else if (o.kind === "oci-archive") local.push(createOciArchiveSink({ file: o.file }));
-    else if (o.kind === "load") loadSink = createLoadSink({ command: loadCommand(loadBuilder!) });
-    else registry = createRegistrySink({ ...options.registry, reference: options.reference });
-  }
-  // Engines store layers uncompressed; a docker-archive must know each size up front.
-  const loadJoinsMain = loadSink !== undefined && compression === "none";
-  if (loadJoinsMain) local.push(loadSink!);
-  const all: ImageSink[] = [
-    ...local,
-    ...(loadSink && !loadJoinsMain ? [loadSink] : []),
-    ...(registry ? [registry.sink] : []),
-  ];
-
-  try {
-    // 1. Layers: one pass per distinct layer into the local sinks (hash-only when there are none).
-    const distinct = new Map<string, { plan: LayerPlan; label: string }>();
-    options.plans.forEach((plans, p) =>
-      plans.forEach((plan) => {
-        const key = layerKey(plan);
-        if (!distinct.has(key)) {
-          const label = options.platforms.length > 1 && !distinct.has(key)
-            ? `${formatPlatform(options.platforms[p])} ${plan.root}`
-            : plan.root;
-          distinct.set(key, { plan, label });
-        }
-      })
+  if (compression === "zstd" && options.outputs.some((o) => o.kind === "oci-archive")) {
+    progress.warn(
+      "docker 20.10 and older cannot load zstd layers from an archive; podman and containerd can",
     );
+  }
+
+  const sinks = await openSinks(options, loadBuilder);
+  // A docker-archive must know each layer's size before its data: only uncompressed tars.
+  const loadInMainPass = sinks.load !== undefined && compression === "none";
+  const mainSinks = loadInMainPass ? [...sinks.local, sinks.load!] : sinks.local;
+  try {
+    // 1. Layers: one pass per distinct layer into the main sinks (hash-only when there are none).
+    const distinct = new Map<string, { plan: LayerPlan; label: string }>();
+    options.plans.forEach((plans, p) => {
+      for (const plan of plans) {
+        const key = layerKey(plan);
+        if (distinct.has(key)) continue;
+        const label = options.platforms.length > 1
+          ? `${formatPlatform(options.platforms[p])} ${plan.root}`
+          : plan.root;
+        distinct.set(key, { plan, label });
+      }
+    });
     const entries = [...distinct.entries()];
     const totalBytes = entries.reduce((s, [, v]) => s + v.plan.size, 0);
     progress.stage(
       `Building ${entries.length} layer${entries.length === 1 ? "" : "s"} (${
         formatSize(totalBytes)
       }, ${compression})` +
-        (local.length ? ` into ${local.map((s) => s.name).join(", ")}` : " (hashing)"),
+        (mainSinks.length ? ` into ${mainSinks.map((s) => s.name).join(", ")}` : ", hashing only"),
     );
     let t = performance.now();
     const results = new Map<string, LayerResult>();
     await mapConcurrent(entries, async ([key, { plan, label }], _i, sig) => {
+      const size = compression === "none" ? tarSize(plan) : undefined;
       const writers = await Promise.all(
-        local.map((s) => s.createBlob({ mediaType: layerMediaType(compression) })),
+        mainSinks.map((s) => s.createBlob({ mediaType: layerMediaType(compression), size })),
       );
-      const task = progress.task(
-        `${label} (${plan.files.length} file${plan.files.length === 1 ? "" : "s"})`,
-        plan.size,
-      );
+      const task = progress.task(`${label} (${plural(plan.files.length, "file")})`, tarSize(plan));
       const r = await buildLayer({
         plan,
         seed: options.seed,
@@ -245,7 +282,7 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     }, { limit: options.maxConcurrent ?? 5, signal });
     lap("layers", t);
 
-    // 2. Configs, manifests, index.
+    // 2. Configs, manifests, index; then each local output is committed (tagged) last.
     const images: BuiltImage[] = options.platforms.map((platform, p) => {
       const layers = options.plans[p].map((plan) => results.get(layerKey(plan))!);
       return assembleImage(platform, options.plans[p], layers, options);
@@ -258,20 +295,21 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
       images,
     };
     t = performance.now();
-    for (const sink of local) {
-      if (sink === loadSink) continue;
+    for (const sink of sinks.local) {
       await writeMetadata(sink, record);
       await sink.commit(record);
       progress.stage(`Wrote ${sink.name}`);
     }
     lap("write", t);
 
-    // 3. The engine load, when it needs its own uncompressed pass.
-    if (loadSink) {
+    // 3. The engine load, with its own uncompressed pass when the main one was compressed.
+    if (sinks.load) {
       t = performance.now();
-      const loadRecord = loadJoinsMain ? record : await uncompressedPass(loadSink, images, options);
-      await writeMetadata(loadSink, loadRecord);
-      await loadSink.commit(loadRecord);
+      const loadRecord = loadInMainPass
+        ? record
+        : await uncompressedPass(sinks.load, images, options);
+      await writeMetadata(sinks.load, loadRecord);
+      await sinks.load.commit(loadRecord);
       progress.stage(
         `Loaded ${options.reference.name}:${options.reference.tag} into ${loadBuilder}`,
       );
@@ -279,22 +317,47 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     }
 
     // 4. The registry: HEAD each blob, upload what is missing (regenerated from the seed), then manifests.
-    if (registry) {
+    if (sinks.registry) {
       t = performance.now();
-      await pushLayers(
-        registry.sink,
-        entries.map(([key, v]) => ({ plan: v.plan, label: v.label, result: results.get(key)! })),
-        options,
-        compression,
-      );
-      await writeMetadata(registry.sink, record);
-      await registry.sink.commit(record);
-      progress.stage(`Pushed ${options.reference.name}:${options.reference.tag}`);
+      const layers = entries.map(([key, v]) => ({ ...v, result: results.get(key)! }));
+      await pushLayers(sinks.registry, layers, options, compression);
+      await writeMetadata(sinks.registry, record);
+      await sinks.registry.commit(record);
+      progress.stage(`Pushed ${sinks.registry.digestReference ?? options.reference.name}`);
       lap("push", t);
     }
     timings.total = round((performance.now() - started) / 1000);
+    return summarize(options, record, timings, sinks.registry, onlyLoad);
+  } catch (error) {
+    await Promise.allSettled(sinks.all.map((s) => s.abort()));
+    throw error;
+  }
+}
 
-    const layers: LayerSummary[] = images.flatMap((img) =>
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
+function summarize(
+  options: NativeOptions,
+  record: ImageRecord,
+  timings: Record<string, number>,
+  registry: RegistrySink | undefined,
+  onlyLoad: boolean,
+): NativeSummary {
+  const { name, tag } = options.reference;
+  const digest = record.root.descriptor.digest;
+  return {
+    reference: `${name}:${tag}`,
+    outputs: options.outputs.map(describeOutput),
+    digest,
+    mediaType: record.root.descriptor.mediaType,
+    manifests: record.images.map((img) => ({
+      platform: formatPlatform(img.platform),
+      digest: img.manifest.descriptor.digest,
+      config: img.config.descriptor.digest,
+    })),
+    layers: record.images.flatMap((img) =>
       img.layers.map((l, i) => ({
         platform: formatPlatform(img.platform),
         index: i + 1,
@@ -306,30 +369,12 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
         fileBytes: l.fileBytes,
         fileCount: l.fileCount,
       }))
-    );
-    const onlyLoad = options.outputs.every((o) => o.kind === "load");
-    return {
-      reference: `${options.reference.name}:${options.reference.tag}`,
-      outputs: options.outputs.map(describeOutput),
-      digest: root.descriptor.digest,
-      mediaType: root.descriptor.mediaType,
-      manifests: images.map((img) => ({
-        platform: formatPlatform(img.platform),
-        digest: img.manifest.descriptor.digest,
-        config: img.config.descriptor.digest,
-      })),
-      layers,
-      seed: options.seed,
-      timings,
-      push: registry?.stats(),
-      printed: onlyLoad
-        ? `${options.reference.name}:${options.reference.tag}`
-        : `${options.reference.name}@${root.descriptor.digest}`,
-    };
-  } catch (error) {
-    await Promise.allSettled(all.map((s) => s.abort()));
-    throw error;
-  }
+    ),
+    seed: options.seed,
+    timings,
+    push: registry?.stats,
+    printed: onlyLoad ? `${name}:${tag}` : `${name}@${digest}`,
+  };
 }
 
 function round(n: number): number {
