@@ -13,6 +13,7 @@ import { type BuilderName, BUILDERS, checkDaemon, detectBuilder, isBuilderName }
 import type { NativeOutput } from "./image.ts";
 import { Progress } from "./progress.ts";
 import { type Compression, formatPlatform, parsePlatform, type Platform } from "./oci.ts";
+import type { RegistrySinkOptions } from "./registry.ts";
 import { DEFAULT_MAX_DEPTH, type LayerPlan, MAX_MAX_DEPTH, planLayers } from "./plan.ts";
 import { formatReference, parseReference, type Reference } from "./reference.ts";
 import { formatSize, parseSize, parseSizeList } from "./sizes.ts";
@@ -582,7 +583,7 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
       outputs: config.outputs.filter((o): o is NativeOutput => o.kind !== "build"),
       maxConcurrent: config.maxConcurrent,
       builder: config.builder,
-      registry: {},
+      registry: await registryOptions(config, progress),
       retries: config.push.retries,
       createdBy: `imgmkr ${VERSION}`,
       signal: ctx.signal,
@@ -621,6 +622,61 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
   } else {
     ctx.stdout(`${tag}\n`);
   }
+}
+
+/** Longest password accepted on stdin: a token is a few KB; more is a mistake (e.g. a piped file). */
+const MAX_PASSWORD_BYTES = 64 * 1024;
+
+/**
+ * Reads the password for `--password-stdin`: all of stdin, without the
+ * trailing newline that `echo` or a file adds, as `docker login` does.
+ *
+ * @throws {UsageError} when stdin is empty or too long.
+ */
+export async function readPasswordStdin(
+  stdin: ReadableStream<Uint8Array> = Deno.stdin.readable,
+): Promise<string> {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of stdin) {
+    size += chunk.length;
+    if (size > MAX_PASSWORD_BYTES) {
+      usage(
+        `--password-stdin: stdin holds more than ${MAX_PASSWORD_BYTES} bytes; pipe only the password`,
+      );
+    }
+    chunks.push(chunk);
+  }
+  const bytes = new Uint8Array(size);
+  let off = 0;
+  for (const c of chunks) {
+    bytes.set(c, off);
+    off += c.length;
+  }
+  const password = new TextDecoder().decode(bytes).replace(/\r?\n$/, "");
+  if (password === "") {
+    usage('--password-stdin: stdin is empty; pipe the password, e.g. echo "$TOKEN" | imgmkr ...');
+  }
+  return password;
+}
+
+/** The registry options of a push run; reads the password from stdin when asked to. */
+async function registryOptions(
+  config: Config,
+  progress: Progress,
+): Promise<Omit<RegistrySinkOptions, "reference">> {
+  if (!config.outputs.some((o) => o.kind === "push")) return {};
+  const { push } = config;
+  return {
+    credential: push.passwordStdin
+      ? { username: push.username, password: await readPasswordStdin(), source: "--username" }
+      : undefined,
+    plainHttp: push.plainHttp,
+    caCert: push.caCert,
+    chunkSize: push.chunkSize,
+    // The log lines never carry credentials or tokens: see RegistrySinkOptions.log.
+    log: config.verbose ? (line) => progress.info(line) : undefined,
+  };
 }
 
 function buildSummary(

@@ -254,17 +254,33 @@ export interface BuildImageOptions {
   onOutput?: (text: string) => void;
 }
 
+/**
+ * Builders that build untagged (`--iidfile`) and are then tagged by imgmkr
+ * after success. docker's legacy builder keeps running an `ADD` when its CLI
+ * is killed and tags the image afterwards, long after imgmkr has exited;
+ * an untagged build can never do that. nerdctl and finch use BuildKit, which
+ * cancels the build (tag included) with its client, so they get `-t`.
+ */
+const TAG_AFTER_BUILD: readonly BuilderName[] = ["docker", "podman", "buildah"];
+
+/** Where the builder writes the built image's ID: in the build dir, so it is cleaned up with it. */
+function iidFile(contextDir: string): string {
+  return `${contextDir}/.imgmkr-image-id`;
+}
+
 /** The argv that builds `contextDir` with `builder`. */
 export function buildCommand(options: BuildImageOptions): string[] {
   const platform = options.platform ?? "linux/amd64";
   const sub = options.builder === "buildah" ? ["bud"] : ["build"];
+  const tagging = TAG_AFTER_BUILD.includes(options.builder)
+    ? ["--iidfile", iidFile(options.contextDir)]
+    : ["-t", options.tag];
   return [
     options.builder,
     ...sub,
     "--platform",
     platform,
-    "-t",
-    options.tag,
+    ...tagging,
     "-f",
     `${options.contextDir}/Dockerfile`,
     options.contextDir,
@@ -278,19 +294,27 @@ export function buildCommand(options: BuildImageOptions): string[] {
  * @throws {BuilderError} when the builder exits non-zero.
  */
 export async function buildImage(options: BuildImageOptions): Promise<void> {
-  const before = await imageId(options.builder, options.tag);
-  const result = await runChild(buildCommand(options), {
-    signal: options.signal,
-    onOutput: options.onOutput,
-  });
-  if (options.signal?.aborted) {
-    await restoreTag(options.builder, options.tag, before);
-    return;
-  }
-  if (result.code !== 0) {
-    throw new BuilderError(
-      `'${options.builder} build' failed with exit code ${result.code}:\n${result.tail}`,
-    );
+  const { builder, tag, signal } = options;
+  const before = await imageId(builder, tag);
+  try {
+    const result = await runChild(buildCommand(options), { signal, onOutput: options.onOutput });
+    if (signal?.aborted) return;
+    if (result.code !== 0) {
+      throw new BuilderError(
+        `'${builder} build' failed with exit code ${result.code}:\n${result.tail}`,
+      );
+    }
+    if (!TAG_AFTER_BUILD.includes(builder)) return;
+    const id = (await Deno.readTextFile(iidFile(options.contextDir))).trim();
+    const tagged = await runChild([builder, "tag", id, tag], { signal });
+    if (signal?.aborted) return;
+    if (tagged.code !== 0) {
+      throw new BuilderError(
+        `'${builder} tag ${id} ${tag}' failed with exit code ${tagged.code}:\n${tagged.tail}`,
+      );
+    }
+  } finally {
+    if (signal?.aborted) await restoreTag(builder, tag, before);
   }
 }
 

@@ -1,0 +1,190 @@
+/**
+ * Builder detection and child processes, with shim scripts on a fake PATH
+ * standing in for the builders.
+ */
+
+import { assert, assertEquals, assertRejects, assertThrows } from "./support/assert.ts";
+import { withTempDir, writeScript } from "./support/cli.ts";
+import { BuilderError } from "../lib/errors.ts";
+import {
+  buildCommand,
+  BUILDERS,
+  checkDaemon,
+  detectBuilder,
+  findOnPath,
+  LOADERS,
+  runChild,
+} from "../lib/engine.ts";
+
+/** Runs `fn` with PATH set to `path`, restoring it afterwards. */
+async function withPath<T>(path: string, fn: () => T | Promise<T>): Promise<T> {
+  const saved = Deno.env.get("PATH");
+  Deno.env.set("PATH", path);
+  try {
+    return await fn();
+  } finally {
+    if (saved === undefined) Deno.env.delete("PATH");
+    else Deno.env.set("PATH", saved);
+  }
+}
+
+Deno.test("findOnPath() returns only executable files, searching PATH in order", async (t) => {
+  await withTempDir(async (dir) => {
+    const [a, b] = [`${dir}/a`, `${dir}/b`];
+    await Deno.mkdir(a);
+    await Deno.mkdir(b);
+    Deno.writeTextFileSync(`${a}/plain`, "not executable");
+    await Deno.mkdir(`${a}/adir`, { mode: 0o755 });
+    const second = writeScript(b, "tool", "exit 0");
+    const first = writeScript(a, "tool", "exit 0");
+    writeScript(b, "plain", "exit 0");
+    await t.step("the first PATH entry wins", () => {
+      assertEquals(findOnPath("tool", { path: `${a}:${b}` }), first);
+      assertEquals(findOnPath("tool", { path: `${b}:${a}` }), second);
+    });
+    await t.step("a non-executable file is skipped for a later executable one", () => {
+      assertEquals(findOnPath("plain", { path: `${a}:${b}` }), `${b}/plain`);
+    });
+    await t.step("directories and missing names are not found; empty entries are ignored", () => {
+      assertEquals(findOnPath("adir", { path: a }), undefined);
+      assertEquals(findOnPath("nothing", { path: `::${a}:` }), undefined);
+      assertEquals(findOnPath("tool", { path: "" }), undefined);
+    });
+  });
+});
+
+Deno.test("detectBuilder() picks finch, docker, podman, nerdctl, buildah in that order", async (t) => {
+  const cases: [string[], string][] = [
+    [[...BUILDERS], "finch"],
+    [["buildah", "nerdctl", "podman", "docker"], "docker"],
+    [["buildah", "podman"], "podman"],
+    [["buildah", "nerdctl"], "nerdctl"],
+    [["buildah"], "buildah"],
+  ];
+  for (const [present, expected] of cases) {
+    await t.step(`with ${present.join(", ")} on PATH: ${expected}`, async () => {
+      await withTempDir(async (dir) => {
+        for (const name of present) writeScript(dir, name, "exit 0");
+        assertEquals(await withPath(dir, () => detectBuilder()), expected);
+      });
+    });
+  }
+  await t.step("a requested builder is used even when an earlier one is present", async () => {
+    await withTempDir(async (dir) => {
+      for (const name of BUILDERS) writeScript(dir, name, "exit 0");
+      assertEquals(await withPath(dir, () => detectBuilder({ requested: "podman" })), "podman");
+    });
+  });
+  await t.step("a requested builder missing from PATH is an error naming it", async () => {
+    await withTempDir(async (dir) => {
+      writeScript(dir, "docker", "exit 0");
+      await withPath(
+        dir,
+        () => assertThrows(() => detectBuilder({ requested: "podman" }), BuilderError, "'podman'"),
+      );
+    });
+  });
+  await t.step("no builder at all names the options, including --dry-run", async () => {
+    await withTempDir(async (dir) => {
+      const e = await withPath(dir, () => assertThrows(() => detectBuilder(), BuilderError));
+      for (const part of ["No image builder", "--builder", "--dry-run", ...BUILDERS]) {
+        assert(e.message.includes(part), `${e.message} mentions ${part}`);
+      }
+    });
+  });
+  await t.step("among LOADERS, buildah alone does not count", async () => {
+    await withTempDir(async (dir) => {
+      writeScript(dir, "buildah", "exit 0");
+      await withPath(
+        dir,
+        () => assertThrows(() => detectBuilder({ among: LOADERS }), BuilderError),
+      );
+    });
+  });
+});
+
+Deno.test("buildCommand() passes the platform, Dockerfile and context, and tags only with BuildKit builders", async (t) => {
+  const iid = ["--iidfile", "/c/.imgmkr-image-id"];
+  const cases: [Parameters<typeof buildCommand>[0], string[]][] = [
+    [
+      { builder: "docker", contextDir: "/c", tag: "t/a:1" },
+      ["docker", "build", "--platform", "linux/amd64", ...iid, "-f", "/c/Dockerfile", "/c"],
+    ],
+    [
+      { builder: "podman", contextDir: "/c", tag: "t/a:1", platform: "linux/arm64" },
+      ["podman", "build", "--platform", "linux/arm64", ...iid, "-f", "/c/Dockerfile", "/c"],
+    ],
+    [
+      { builder: "buildah", contextDir: "/c", tag: "t/a:1" },
+      ["buildah", "bud", "--platform", "linux/amd64", ...iid, "-f", "/c/Dockerfile", "/c"],
+    ],
+    [
+      { builder: "nerdctl", contextDir: "/c", tag: "t/a:1" },
+      ["nerdctl", "build", "--platform", "linux/amd64", "-t", "t/a:1", "-f", "/c/Dockerfile", "/c"],
+    ],
+    [
+      { builder: "finch", contextDir: "/c", tag: "t/a:1" },
+      ["finch", "build", "--platform", "linux/amd64", "-t", "t/a:1", "-f", "/c/Dockerfile", "/c"],
+    ],
+  ];
+  for (const [options, argv] of cases) {
+    await t.step(options.builder, () => assertEquals(buildCommand(options), argv));
+  }
+});
+
+Deno.test("checkDaemon() resolves when '<builder> info' succeeds and names the failure otherwise", async (t) => {
+  await withTempDir(async (dir) => {
+    await t.step("info exits 0", async () => {
+      writeScript(dir, "docker", `[ "$1" = info ] && exit 0; exit 9`);
+      await withPath(dir, () => checkDaemon("docker"));
+    });
+    await t.step("info exits 1: the error quotes the builder's last stderr line", async () => {
+      writeScript(
+        dir,
+        "podman",
+        `echo "noise" >&2; echo "Cannot connect to the daemon" >&2; exit 1`,
+      );
+      await withPath(dir, () =>
+        assertRejects(
+          () => checkDaemon("podman"),
+          BuilderError,
+          "'podman info' failed, so its daemon is not reachable: Cannot connect to the daemon",
+        ));
+    });
+  });
+});
+
+Deno.test("runChild() streams output, reports the exit code, and kills the child when aborted", async (t) => {
+  await t.step("output and exit code", async () => {
+    let seen = "";
+    const r = await runChild(["sh", "-c", "echo out; echo err >&2; exit 4"], {
+      onOutput: (text) => seen += text,
+    });
+    assertEquals(r.code, 4);
+    assert(seen.includes("out") && seen.includes("err"), seen);
+    assert(r.tail.includes("out") && r.tail.includes("err"), r.tail);
+  });
+  await t.step("an abort stops a long-running child promptly", async () => {
+    const controller = new AbortController();
+    const start = performance.now();
+    setTimeout(() => controller.abort(), 200);
+    const r = await runChild(["sleep", "30"], { signal: controller.signal });
+    assert(performance.now() - start < 5_000, "stopped well before sleep ended");
+    assertEquals(r.code, 143, "killed by SIGTERM");
+  });
+  await t.step("an already-aborted signal stops the child at once", async () => {
+    const controller = new AbortController();
+    controller.abort();
+    const start = performance.now();
+    await runChild(["sleep", "30"], { signal: controller.signal });
+    assert(performance.now() - start < 5_000);
+  });
+  await t.step("a child ignoring SIGTERM is killed after the grace period", async () => {
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(), 200);
+    const r = await runChild(["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"], {
+      signal: controller.signal,
+    });
+    assertEquals(r.code, 137, "SIGKILL");
+  });
+});
