@@ -476,7 +476,11 @@ class Registry implements RegistrySink {
 
   /** The failure of a request that got no response. */
   #networkError(method: string, url: string, err: unknown): RegistryError {
-    const why = err instanceof Error ? err.message : String(err);
+    // fetch says only "fetch failed"; the reason (refused, TLS, reset) is in its cause.
+    const cause = err instanceof Error ? (err.cause as Error | undefined)?.message : undefined;
+    const why = err instanceof Error
+      ? (cause ? cause.replace(/^error sending request for url \([^)]*\): /, "") : err.message)
+      : String(err);
     const tls = /certificate|tls|ssl|UnknownIssuer|handshake/i.test(why);
     const fix = tls
       ? `the TLS connection failed; pass --ca-cert <file> to trust the registry's CA${
@@ -611,7 +615,16 @@ class Registry implements RegistrySink {
         } catch (err) {
           if (!(err instanceof RegistryError) || err.status !== 0) throw err;
           this.#options.log?.(`HTTPS to ${this.#host} failed; using plain HTTP (loopback host)`);
-          return await this.#ping(`http://${this.#host}`);
+          try {
+            return await this.#ping(`http://${this.#host}`);
+          } catch (plainErr) {
+            // Neither worked: the HTTPS failure (e.g. an unknown CA) is the one to fix.
+            if (!(plainErr instanceof RegistryError)) throw plainErr;
+            throw new RegistryError(
+              `${err.message} (plain HTTP failed too: ${plainErr.message.split(": ")[0]})`,
+              { status: err.status, method: err.method, url: err.url, cause: err },
+            );
+          }
         }
       }
       return await this.#ping(`https://${this.#host}`);

@@ -12,7 +12,9 @@ import {
 import { RegistryError } from "../lib/errors.ts";
 import { parseReference } from "../lib/reference.ts";
 import { jsonBlob, MediaType, sha256Digest } from "../lib/oci.ts";
-import { run } from "./support/docker.ts";
+import { requireDocker, run } from "./support/docker.ts";
+import { runCli, withTempDir } from "./support/cli.ts";
+import { listFiles } from "./support/oci.ts";
 import {
   assert,
   assertEquals,
@@ -442,6 +444,133 @@ Deno.test("createRegistrySink() survives faults from a proxy and fails cleanly w
       } finally {
         await proxy.stop();
       }
+    });
+  });
+});
+
+/** `--json` fields of a push run that these tests read. */
+interface PushSummary {
+  digest: string;
+  layers: { digest: string; diffId: string; platform: string }[];
+  push: {
+    bytesUploaded: number;
+    blobsSkipped: number;
+    blobsUploaded: number;
+    retries: number;
+    blobs: { digest: string; mbPerSecond: number }[];
+  };
+}
+
+Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docker pulls it", async (t) => {
+  await requireDocker();
+  await withRegistry(async (registry) => {
+    const ref = `localhost:${registry.port}/t/p:1`;
+    const args = ["--layer-sizes", "200MB,1MB", "--seed", "5"];
+    let pushed = "";
+    await t.step("the push prints <repo>@<digest>, which skopeo confirms", async () => {
+      const r = await runCli([...args, "--output", "push", ref]);
+      assertEquals(r.code, 0, r.stderr);
+      const info = JSON.parse(await skopeo("inspect", "--tls-verify=false", `docker://${ref}`));
+      assertEquals(r.stdout, `localhost:${registry.port}/t/p@${info.Digest}\n`);
+      pushed = info.Digest;
+    });
+    await t.step("an oci: output of the same seed has the same digests", async () => {
+      await withTempDir(async (dir) => {
+        const r = await runCli([...args, "--output", `oci:${dir}/l`, "--json", "--quiet", ref]);
+        assertEquals(r.code, 0, r.stderr);
+        const s = JSON.parse(r.stdout) as PushSummary;
+        assertEquals(s.digest, pushed);
+        const info = JSON.parse(await skopeo("inspect", "--tls-verify=false", `docker://${ref}`));
+        assertEquals(info.Layers, s.layers.map((l) => l.digest));
+      });
+    });
+    await t.step("skopeo copy to oci: and umoci unpack show the exact file sizes", async () => {
+      await withTempDir(async (dir) => {
+        await skopeo("copy", "--src-tls-verify=false", `docker://${ref}`, `oci:${dir}/l:1`);
+        await mustRun(["umoci", "unpack", "--image", `${dir}/l:1`, `${dir}/b`]);
+        const files = await listFiles(`${dir}/b/rootfs`);
+        assertEquals(
+          [...files.entries()].map(([p, f]) => [p, f.size]),
+          [["layer1/200.00MB-file", 200 * 1024 * 1024], ["layer2/1.00MB-file", 1024 * 1024]],
+        );
+      });
+    });
+    await t.step("docker pull gets the image with the pushed digest", async () => {
+      try {
+        await mustRun(["docker", "pull", "--quiet", ref]);
+        const digests = await mustRun([
+          "docker",
+          "image",
+          "inspect",
+          "--format",
+          "{{json .RepoDigests}}",
+          ref,
+        ]);
+        assertEquals(JSON.parse(digests), [`localhost:${registry.port}/t/p@${pushed}`]);
+      } finally {
+        await run(["docker", "rmi", "-f", ref]);
+      }
+    });
+    await t.step("re-pushing the same seed skips every blob", async () => {
+      const r = await runCli([...args, "--output", "push", "--json", "--quiet", ref]);
+      assertEquals(r.code, 0, r.stderr);
+      const s = JSON.parse(r.stdout) as PushSummary;
+      assertEquals(s.digest, pushed);
+      assertEquals(s.push.blobsUploaded, 0);
+      assertEquals(s.push.blobsSkipped, 3, "2 layers and the config");
+    });
+    await t.step(
+      "--chunk-size 5MB pushes in chunks; --json reports bytes and MB/s per blob",
+      async () => {
+        const chunked = `localhost:${registry.port}/t/chunked:1`;
+        const r = await runCli([
+          "--layer-sizes",
+          "12MB",
+          "--seed",
+          "6",
+          "--chunk-size",
+          "5MB",
+          "--output",
+          "push",
+          "--json",
+          "--verbose",
+          chunked,
+        ]);
+        assertEquals(r.code, 0, r.stderr);
+        const patches = r.stderr.split("\n").filter((l) => /^\s+PATCH .* 202 /.test(l));
+        assertEquals(patches.length, 3, "12 MB in chunks of 5 MB");
+        const s = JSON.parse(r.stdout) as PushSummary;
+        assertEquals(s.push.blobsUploaded, 2, "the layer and the config");
+        assert(s.push.blobs.every((b) => b.mbPerSecond > 0));
+        const info = JSON.parse(
+          await skopeo("inspect", "--tls-verify=false", `docker://${chunked}`),
+        );
+        assertEquals(info.Digest, s.digest);
+      },
+    );
+    await t.step("several platforms push an index that skopeo --raw shows", async () => {
+      const multi = `localhost:${registry.port}/t/multi:1`;
+      const r = await runCli([
+        "--layer-sizes",
+        "1MB",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--output",
+        "push",
+        "--json",
+        "--quiet",
+        multi,
+      ]);
+      assertEquals(r.code, 0, r.stderr);
+      const s = JSON.parse(r.stdout) as PushSummary;
+      const raw = await skopeo("inspect", "--tls-verify=false", "--raw", `docker://${multi}`);
+      assertEquals(sha256Digest(new TextEncoder().encode(raw)), s.digest);
+      const index = JSON.parse(raw);
+      assertEquals(index.mediaType, MediaType.Index);
+      assertEquals(
+        index.manifests.map((m: { platform: { architecture: string } }) => m.platform.architecture),
+        ["amd64", "arm64"],
+      );
     });
   });
 });
