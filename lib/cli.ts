@@ -132,7 +132,8 @@ Output:
 Registry (--output push):
   --username <user>          With --password-stdin: credentials for the registry
   --password-stdin           Read the password from stdin
-  --plain-http               Use HTTP, not HTTPS (automatic for localhost and 127.0.0.1)
+  --plain-http               Use HTTP, not HTTPS (for localhost, 127.0.0.0/8 and ::1,
+                             HTTPS is tried first and HTTP used when it fails)
   --ca-cert <file>           Trust this PEM CA certificate
   --chunk-size <size>        Upload in chunks of this size (default: one streamed request)
   --retries <n>              Retries for failed requests and blobs (default ${DEFAULT_RETRIES})
@@ -399,9 +400,19 @@ export function parseCommand(argv: string[]): Command {
 
   const pushing = outputs.some((o) => o.kind === "push");
   for (
-    const flag of ["chunk-size", "username", "password-stdin", "plain-http", "ca-cert"] as const
+    const flag of [
+      "chunk-size",
+      "username",
+      "password-stdin",
+      "plain-http",
+      "ca-cert",
+      "retries",
+    ] as const
   ) {
     if (v[flag] !== undefined && !pushing) usage(`--${flag} needs --output push`);
+  }
+  if (v["plain-http"] && v["ca-cert"] !== undefined) {
+    usage("--plain-http and --ca-cert contradict each other: a CA is only used over HTTPS");
   }
   if (v["password-stdin"] && v.username === undefined) usage("--password-stdin needs --username");
   if (v.username !== undefined && !v["password-stdin"]) {
@@ -568,8 +579,15 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
   if (config.outputs[0].kind !== "build") {
     // The native writer is loaded only when used: the Dockerfile path starts faster without it.
     const image = await import("./image.ts");
+    const native = config.outputs.filter((o): o is NativeOutput => o.kind !== "build");
     if (config.dryRun) {
-      ctx.stdout(image.describeNativePlan(config.platforms, plans, config.compression));
+      ctx.stdout(
+        image.describeNativePlan(
+          config.platforms,
+          plans,
+          image.effectiveCompression(native, config.compression),
+        ),
+      );
       return;
     }
     const summary = await image.runNative({
@@ -580,7 +598,7 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
       entropy: config.entropy,
       compression: config.compression,
       compressionLevel: config.compressionLevel,
-      outputs: config.outputs.filter((o): o is NativeOutput => o.kind !== "build"),
+      outputs: native,
       maxConcurrent: config.maxConcurrent,
       builder: config.builder,
       registry: await registryOptions(config, progress),
@@ -589,7 +607,8 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
       signal: ctx.signal,
       progress,
     });
-    ctx.stdout(config.json ? `${JSON.stringify(summary, null, 2)}\n` : `${summary.printed}\n`);
+    const { printed, ...json } = summary;
+    ctx.stdout(config.json ? `${JSON.stringify(json, null, 2)}\n` : `${printed}\n`);
     return;
   }
   if (config.dryRun) {

@@ -31,7 +31,7 @@ import { mapConcurrent } from "./pool.ts";
 import type { Progress } from "./progress.ts";
 import {
   createRegistrySink,
-  isRetryableBlobError,
+  pushBlobWithRetry,
   type PushStats,
   type RegistrySink,
   type RegistrySinkOptions,
@@ -210,8 +210,7 @@ async function openSinks(
 export async function runNative(options: NativeOptions): Promise<NativeSummary> {
   const { progress, signal } = options;
   const onlyLoad = options.outputs.every((o) => o.kind === "load");
-  // Engines store layers uncompressed, so a load on its own needs no compression at all.
-  const compression = onlyLoad ? "none" : options.compression ?? "gzip";
+  const compression = effectiveCompression(options.outputs, options.compression);
   const timings: Record<string, number> = {};
   const started = performance.now();
   const lap = (name: string, since: number) =>
@@ -487,55 +486,70 @@ async function uncompressedPass(
   };
 }
 
-/** HEADs each layer and uploads the missing ones, regenerating and retrying failed uploads. */
+/**
+ * HEADs each layer and uploads the missing ones. A streamed upload that
+ * breaks is regenerated from the seed and sent again (with backoff and
+ * `Retry-After`) by {@linkcode pushBlobWithRetry}, which also checks that
+ * every attempt has the digest of the first pass.
+ */
 async function pushLayers(
-  sink: ImageSink,
+  sink: RegistrySink,
   layers: { plan: LayerPlan; label: string; result: LayerResult }[],
   options: NativeOptions,
   compression: Compression,
 ): Promise<void> {
-  const retries = options.retries ?? 3;
   await mapConcurrent(layers, async ({ plan, label, result }, _i, sig) => {
-    if (await sink.has(result.descriptor)) {
-      options.progress.info(
-        `${label}: ${result.descriptor.digest.slice(0, 19)} already in the registry, skipped`,
-      );
-      return;
-    }
-    for (let attempt = 0;; attempt++) {
-      const task = options.progress.task(`push ${label}`, plan.size);
-      try {
-        const w = await sink.createBlob({ mediaType: result.descriptor.mediaType });
-        const again = await buildLayer({
-          plan,
-          seed: options.seed,
-          entropy: options.entropy,
-          compression,
-          compressionLevel: options.compressionLevel,
-          writers: [w],
-          signal: sig,
-          onProgress: fileProgress(task),
-        });
-        if (again.descriptor.digest !== result.descriptor.digest) {
-          throw new Error(
-            `${label}: regenerated layer has digest ${again.descriptor.digest}, expected ${result.descriptor.digest}; this is a bug, please report it`,
-          );
-        }
-        task.done();
-        return;
-      } catch (error) {
-        if (attempt < retries && isRetryableBlobError(error) && !sig.aborted) {
-          options.progress.warn(
-            `${label}: upload failed (${(error as Error).message}); regenerating and retrying (${
-              attempt + 1
-            }/${retries})`,
-          );
-          continue;
-        }
-        throw error;
-      }
-    }
+    await pushBlobWithRetry(sink, async (writer) => {
+      const task = options.progress.task(`push ${label}`, tarSize(plan));
+      const built = await buildLayer({
+        plan,
+        seed: options.seed,
+        entropy: options.entropy,
+        compression,
+        compressionLevel: options.compressionLevel,
+        // pushBlobWithRetry commits the blob once it has checked the digest.
+        writers: [uncommitted(writer)],
+        signal: sig,
+        onProgress: fileProgress(task),
+      });
+      task.done();
+      return built.descriptor;
+    }, {
+      mediaType: result.descriptor.mediaType,
+      expected: result.descriptor,
+      retries: options.retries,
+      onSkipped: () =>
+        options.progress.info(
+          `${label}: ${result.descriptor.digest.slice(0, 19)} already in the registry, skipped`,
+        ),
+      onRetry: (attempt, err) =>
+        options.progress.warn(
+          `${label}: upload failed (${err.cause.message}); regenerating and retrying (${attempt}/${
+            options.retries ?? sink.retries
+          })`,
+        ),
+    });
   }, { limit: options.maxConcurrent ?? 5, signal: options.signal });
+}
+
+/** A view of `writer` whose commit does nothing, for a producer whose caller commits. */
+function uncommitted(writer: BlobWriter): BlobWriter {
+  return {
+    write: (chunk) => writer.write(chunk),
+    commit: () => Promise.resolve(),
+    abort: () => writer.abort(),
+  };
+}
+
+/**
+ * The compression layers really get: engines store layers uncompressed, so
+ * a `load` on its own needs no compression at all.
+ */
+export function effectiveCompression(
+  outputs: readonly NativeOutput[],
+  requested: Compression = "gzip",
+): Compression {
+  return outputs.every((o) => o.kind === "load") ? "none" : requested;
 }
 
 /** Text of `--dry-run` for native outputs. */

@@ -40,6 +40,8 @@ export const RETRY_AFTER_MAX_MS = 60_000;
  * otherwise hang the push.
  */
 export const LOOPBACK_TLS_PROBE_MS = 3_000;
+/** What an HTTPS server (Go's net/http among them) answers a plain-HTTP request with. */
+const HTTP_TO_HTTPS_STATUS = 400;
 /** Error bodies are read up to this many characters, for the OCI error code. */
 const ERROR_BODY_LIMIT = 4096;
 
@@ -236,6 +238,11 @@ export interface PushBlobOptions {
    */
   delay?: RetryDelayOptions;
   /**
+   * Called when the registry has `expected` already, so nothing is produced.
+   * @default {undefined}
+   */
+  onSkipped?: () => void;
+  /**
    * Called before each retry with the attempt number (1-based) and the failure.
    * @default {undefined}
    */
@@ -263,7 +270,10 @@ export async function pushBlobWithRetry(
 ): Promise<Descriptor> {
   const retries = options.retries ?? (sink as Partial<RegistrySink>).retries ?? DEFAULT_RETRIES;
   let known = options.expected;
-  if (known && await sink.has(known)) return known;
+  if (known && await sink.has(known)) {
+    options.onSkipped?.();
+    return known;
+  }
   for (let attempt = 0;; attempt++) {
     const writer = await sink.createBlob({ mediaType: options.mediaType, size: options.size });
     try {
@@ -618,8 +628,13 @@ class Registry implements RegistrySink {
           try {
             return await this.#ping(`http://${this.#host}`);
           } catch (plainErr) {
-            // Neither worked: the HTTPS failure (e.g. an unknown CA) is the one to fix.
-            if (!(plainErr instanceof RegistryError)) throw plainErr;
+            // A registry that answered over plain HTTP (401, 404, …) speaks HTTP: its answer
+            // counts. No answer, or a 400 (what an HTTPS server says to plain HTTP), means the
+            // registry is HTTPS, and the HTTPS failure (e.g. an unknown CA) is the one to fix.
+            if (
+              !(plainErr instanceof RegistryError) ||
+              (plainErr.status !== 0 && plainErr.status !== HTTP_TO_HTTPS_STATUS)
+            ) throw plainErr;
             throw new RegistryError(
               `${err.message} (plain HTTP failed too: ${plainErr.message.split(": ")[0]})`,
               { status: err.status, method: err.method, url: err.url, cause: err },
