@@ -12,6 +12,8 @@
 
 import { fileURLToPath } from "node:url";
 import { formatSize, parseSize } from "../lib/sizes.ts";
+// The tests' registry helper: Debian's docker-registry on a free 127.0.0.1 port, plain HTTP.
+import { type RegistryServer, startRegistry } from "../tests/support/registry.ts";
 
 /** Layer size when BENCH_SIZE is unset: big enough that process start-up is noise. */
 const DEFAULT_SIZE = "1GB";
@@ -27,10 +29,6 @@ const MOCK_FILES = 10_000;
 const REFERENCE = "bench/x:1";
 /** GNU time: `-f %M` gives the peak RSS in KB; without it RSS is n/a. */
 const TIME_BIN = "/usr/bin/time";
-/** How long docker-registry may take to listen. */
-const REGISTRY_START_TIMEOUT_MS = 15_000;
-/** Pause between connection attempts while it starts. */
-const REGISTRY_POLL_MS = 50;
 /** The repository root: the CLI runs from here and the results go under it. */
 const ROOT = fileURLToPath(new URL("../", import.meta.url));
 /** Where the results go (gitignored). */
@@ -489,81 +487,6 @@ async function stepMockFs(bench: Bench): Promise<void> {
   await removeQuietly(dir);
 }
 
-/** A running docker-registry. */
-interface Registry {
-  /** `127.0.0.1:<port>`. */
-  host: string;
-  /** Stops it (its storage goes with the run's temp dir). */
-  stop(): Promise<void>;
-}
-
-function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const { port } = listener.addr as Deno.NetAddr;
-  listener.close();
-  return port;
-}
-
-function registryConfig(dir: string, port: number): string {
-  return [
-    "version: 0.1",
-    "log:",
-    "  level: warn",
-    "  accesslog:",
-    "    disabled: true",
-    "storage:",
-    "  filesystem:",
-    `    rootdirectory: ${dir}/data`,
-    "http:",
-    `  addr: 127.0.0.1:${port}`,
-    "  secret: imgmkr-bench",
-    "",
-  ].join("\n");
-}
-
-/** Starts Debian's docker-registry on a free 127.0.0.1 port, plain HTTP, storage under `dir`. */
-async function startRegistry(dir: string): Promise<Registry> {
-  await Deno.mkdir(dir, { recursive: true });
-  const port = freePort();
-  await Deno.writeTextFile(`${dir}/config.yml`, registryConfig(dir, port));
-  const child = new Deno.Command("docker-registry", {
-    args: ["serve", `${dir}/config.yml`],
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  let logText = "";
-  const drained = child.stderr.pipeTo(
-    new WritableStream({ write: (c) => void (logText += decoder.decode(c, { stream: true })) }),
-  ).catch(() => {});
-  let exited = false;
-  const status = child.status.finally(() => {
-    exited = true;
-  });
-  const stop = async () => {
-    if (!exited) child.kill("SIGTERM");
-    await status;
-    await drained;
-  };
-  const deadline = Date.now() + REGISTRY_START_TIMEOUT_MS;
-  for (;;) {
-    if (exited || interrupted || Date.now() > deadline) {
-      await stop();
-      throw new Error(`docker-registry did not start: ${logText.trim() || "no output"}`);
-    }
-    try {
-      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-      return { host: `127.0.0.1:${port}`, stop };
-    } catch (e) {
-      if (!(e instanceof Deno.errors.ConnectionRefused)) {
-        await stop();
-        throw e;
-      }
-    }
-    await new Promise((r) => setTimeout(r, REGISTRY_POLL_MS));
-  }
-}
-
 /** Step 6: `--output push` against skopeo copying the same image from an OCI layout. */
 async function stepPush(bench: Bench): Promise<void> {
   const pushSpec = (host: string): RowSpec => ({
@@ -585,9 +508,9 @@ async function stepPush(bench: Bench): Promise<void> {
       `docker://${host}/bench/skopeo:1`,
     ],
   });
-  let registry: Registry;
+  let registry: RegistryServer;
   try {
-    registry = await startRegistry(`${bench.tmp}/registry`);
+    registry = await startRegistry();
   } catch (e) {
     const reason = (e as Error).message;
     skipRow(bench, pushSpec("<registry>"), reason);

@@ -7,6 +7,7 @@
 
 import { createHash } from "node:crypto";
 import { fileSegments } from "../lib/content.ts";
+import type { NativeSummary } from "../lib/image.ts";
 import { planLayers } from "../lib/plan.ts";
 import { parseSize } from "../lib/sizes.ts";
 import {
@@ -20,26 +21,8 @@ import { listDir, runCli, withTempDir, withTmpfs } from "./support/cli.ts";
 import { requireDocker, run } from "./support/docker.ts";
 import { listFiles, mustRun } from "./support/oci.ts";
 
-/** What `--json` prints for a native run (the fields these tests read). */
-interface Summary {
-  reference: string;
-  digest: string;
-  mediaType: string;
-  manifests: { platform: string; digest: string; config: string }[];
-  layers: {
-    platform: string;
-    index: number;
-    digest: string;
-    diffId: string;
-    mediaType: string;
-    compressedSize: number;
-    tarSize: number;
-    fileBytes: number;
-    fileCount: number;
-  }[];
-  seed: number;
-  timings: Record<string, number>;
-}
+/** What `--json` prints for a native run. */
+type Summary = Omit<NativeSummary, "printed">;
 
 /** Runs imgmkr with `--json` and returns the parsed summary; fails on a non-zero exit. */
 async function imgmkrJson(args: string[]): Promise<Summary> {

@@ -10,6 +10,7 @@ import {
   retryDelay,
 } from "../lib/registry.ts";
 import { RegistryError } from "../lib/errors.ts";
+import type { NativeSummary } from "../lib/image.ts";
 import { parseReference } from "../lib/reference.ts";
 import { jsonBlob, MediaType, sha256Digest } from "../lib/oci.ts";
 import { requireDocker, run } from "./support/docker.ts";
@@ -448,18 +449,8 @@ Deno.test("createRegistrySink() survives faults from a proxy and fails cleanly w
   });
 });
 
-/** `--json` fields of a push run that these tests read. */
-interface PushSummary {
-  digest: string;
-  layers: { digest: string; diffId: string; platform: string }[];
-  push: {
-    bytesUploaded: number;
-    blobsSkipped: number;
-    blobsUploaded: number;
-    retries: number;
-    blobs: { digest: string; mbPerSecond: number }[];
-  };
-}
+/** What `--json` prints for a push run. */
+type PushSummary = Omit<NativeSummary, "printed">;
 
 Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docker pulls it", async (t) => {
   await requireDocker();
@@ -516,8 +507,8 @@ Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docke
       assertEquals(r.code, 0, r.stderr);
       const s = JSON.parse(r.stdout) as PushSummary;
       assertEquals(s.digest, pushed);
-      assertEquals(s.push.blobsUploaded, 0);
-      assertEquals(s.push.blobsSkipped, 3, "2 layers and the config");
+      assertEquals(s.push!.blobsUploaded, 0);
+      assertEquals(s.push!.blobsSkipped, 3, "2 layers and the config");
     });
     await t.step(
       "--chunk-size 5MB pushes in chunks; --json reports bytes and MB/s per blob",
@@ -540,8 +531,8 @@ Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docke
         const patches = r.stderr.split("\n").filter((l) => /^\s+PATCH .* 202 /.test(l));
         assertEquals(patches.length, 3, "12 MB in chunks of 5 MB");
         const s = JSON.parse(r.stdout) as PushSummary;
-        assertEquals(s.push.blobsUploaded, 2, "the layer and the config");
-        assert(s.push.blobs.every((b) => b.mbPerSecond > 0));
+        assertEquals(s.push!.blobsUploaded, 2, "the layer and the config");
+        assert(s.push!.blobs.every((b) => b.mbPerSecond > 0));
         const info = JSON.parse(
           await skopeo("inspect", "--tls-verify=false", `docker://${chunked}`),
         );
