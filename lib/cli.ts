@@ -652,7 +652,7 @@ const MAX_PASSWORD_BYTES = 64 * 1024;
  *
  * @throws {UsageError} when stdin is empty or too long.
  */
-export async function readPasswordStdin(
+async function readPasswordStdin(
   stdin: ReadableStream<Uint8Array> = Deno.stdin.readable,
 ): Promise<string> {
   const chunks: Uint8Array[] = [];

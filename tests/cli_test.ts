@@ -205,6 +205,26 @@ Deno.test("every bad input exits 2 with a one-line error naming the flag, a hint
     });
   });
 
+  await t.step("--password-stdin with an empty stdin", async () => {
+    await withTempDir(async (tmp) => {
+      const r = await runCli(
+        [
+          "--layer-sizes",
+          "1KB",
+          "--output",
+          "push",
+          "--username",
+          "u",
+          "--password-stdin",
+          "localhost:5000/t/n:1",
+        ],
+        { env: { TMPDIR: tmp }, stdin: "\n" },
+      );
+      assertUsageError(r, ["--password-stdin", "empty"], { afterStatus: true });
+      assertEquals(listDir(tmp), []);
+    });
+  });
+
   await t.step("no image got the reference's tag", async () => {
     await requireDocker();
     const r = await run(["docker", "image", "inspect", REF]);

@@ -565,3 +565,79 @@ Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docke
     });
   });
 });
+
+/**
+ * An in-process upload endpoint for the one fault distribution never shows:
+ * a chunk that fails with 500 after the server kept part of it, so the
+ * session's Range ends inside the chunk. Only what the chunked path needs.
+ */
+function startPartialChunkServer(keep: number) {
+  const stored: Uint8Array[] = [];
+  let size = 0;
+  let patches = 0;
+  const ranges: string[] = [];
+  const upload = "/v2/t/n/blobs/uploads/u1";
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+    const url = new URL(req.url);
+    if (req.method === "GET" && url.pathname === "/v2/") return new Response(null, { status: 200 });
+    if (req.method === "POST") {
+      return new Response(null, { status: 202, headers: { Location: upload } });
+    }
+    const range = { Location: upload, Range: `0-${Math.max(0, size - 1)}` };
+    if (req.method === "GET") return new Response(null, { status: 204, headers: range });
+    if (req.method === "PATCH") {
+      ranges.push(req.headers.get("content-range") ?? "");
+      const body = new Uint8Array(await req.arrayBuffer());
+      const [start] = (req.headers.get("content-range") ?? "").split("-").map(Number);
+      if (start !== size) return new Response(null, { status: 416, headers: range });
+      const failing = ++patches === 1;
+      const kept = failing ? body.subarray(0, keep) : body;
+      stored.push(kept.slice());
+      size += kept.length;
+      return new Response(null, {
+        status: failing ? 500 : 202,
+        headers: { Location: upload, Range: `0-${size - 1}` },
+      });
+    }
+    if (req.method === "PUT") {
+      const all = new Uint8Array(size);
+      let off = 0;
+      for (const s of stored) {
+        all.set(s, off);
+        off += s.length;
+      }
+      const ok = url.searchParams.get("digest") === sha256Digest(all);
+      return new Response(null, { status: ok ? 201 : 400 });
+    }
+    return new Response(null, { status: 404 });
+  });
+  return { host: `127.0.0.1:${server.addr.port}`, ranges, stop: () => server.shutdown() };
+}
+
+Deno.test("chunked upload resumes from the Range a registry reports after a broken chunk", async () => {
+  const server = startPartialChunkServer(1_000_000);
+  try {
+    const image = syntheticImage([12_000_000]);
+    const layer = image.layers[0];
+    const s = sink(server.host, { chunkSize: 5_000_000, plainHttp: true });
+    let produced = 0;
+    const desc = await pushBlobWithRetry(s, async (w) => {
+      produced++;
+      for (let off = 0; off < layer.bytes.length; off += WRITE_SLICE) {
+        await w.write(layer.bytes.subarray(off, off + WRITE_SLICE));
+      }
+      return layer.descriptor;
+    }, { mediaType: layer.descriptor.mediaType });
+    s.close();
+    assertEquals(desc, layer.descriptor);
+    assertEquals(produced, 1, "resumed in place, not regenerated");
+    assertEquals(server.ranges, [
+      "0-4999999",
+      "1000000-4999999",
+      "5000000-9999999",
+      "10000000-11999999",
+    ]);
+  } finally {
+    await server.stop();
+  }
+});
