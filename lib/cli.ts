@@ -8,6 +8,7 @@
 import { accessSync, constants as fsConstants } from "node:fs";
 import { parseArgs } from "node:util";
 import { type BuildResult, describePlan, runBuild } from "./build.ts";
+import { defaultCacheDir, LayerCache } from "./cache.ts";
 import { EXIT_FAILURE, EXIT_USAGE, InterruptedError, UsageError } from "./errors.ts";
 import { type BuilderName, BUILDERS, checkDaemon, detectBuilder, isBuilderName } from "./engine.ts";
 import type { NativeOutput } from "./image.ts";
@@ -79,6 +80,8 @@ export interface Config {
   shareLayers: boolean;
   /** JSON summary on stdout. */
   json: boolean;
+  /** Use the layer cache (off with `--no-cache`). */
+  cache: boolean;
   /** Registry options for `--output push`. */
   push: PushFlags;
 }
@@ -141,6 +144,8 @@ Registry (--output push):
 General:
   --dry-run                  Print the plan and the Dockerfile; write nothing
   --json                     Print a JSON summary on stdout
+  --no-cache                 Do not use the layer cache, which lets a push skip its
+                             hashing pass for layers built before (~/.cache/imgmkr)
   --quiet, -q                Print errors only
   --verbose, -v              Trace registry requests (never credentials)
   --help, -h                 Show this help
@@ -175,6 +180,7 @@ const OPTIONS = {
   entropy: { type: "string" },
   "share-layers": { type: "boolean" },
   json: { type: "boolean" },
+  "no-cache": { type: "boolean" },
   "chunk-size": { type: "string" },
   username: { type: "string" },
   "password-stdin": { type: "boolean" },
@@ -464,6 +470,7 @@ export function parseCommand(argv: string[]): Command {
       entropy,
       shareLayers: v["share-layers"] ?? false,
       json: v.json ?? false,
+      cache: !(v["no-cache"] ?? false),
       push,
     },
   };
@@ -603,6 +610,7 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
       builder: config.builder,
       registry: await registryOptions(config, progress),
       retries: config.push.retries,
+      cache: layerCache(config),
       createdBy: `imgmkr ${VERSION}`,
       signal: ctx.signal,
       progress,
@@ -641,6 +649,17 @@ async function execute(config: Config, ctx: ExecuteContext): Promise<void> {
   } else {
     ctx.stdout(`${tag}\n`);
   }
+}
+
+/**
+ * The layer cache, unless `--no-cache` is given or no cache directory is
+ * known. Its salt holds every version that can change a layer's bytes.
+ */
+function layerCache(config: Config): LayerCache | undefined {
+  const dir = config.cache ? defaultCacheDir() : undefined;
+  return dir
+    ? new LayerCache({ dir, salt: `imgmkr ${VERSION}, deno ${Deno.version.deno}` })
+    : undefined;
 }
 
 /** Longest password accepted on stdin: a token is a few KB; more is a mistake (e.g. a piped file). */

@@ -9,6 +9,7 @@
 import { type BuilderName, checkDaemon, detectBuilder, loadCommand, LOADERS } from "./engine.ts";
 import { UsageError } from "./errors.ts";
 import { buildLayer } from "./layer.ts";
+import type { LayerCache, LayerKeyInput } from "./cache.ts";
 import { createLoadSink, createOciArchiveSink } from "./archive.ts";
 import { createLayoutSink } from "./layout.ts";
 import { tarSize } from "./tar.ts";
@@ -30,6 +31,7 @@ import type { LayerPlan } from "./plan.ts";
 import { mapConcurrent } from "./pool.ts";
 import type { Progress } from "./progress.ts";
 import {
+  BlobMismatchError,
   createRegistrySink,
   pushBlobWithRetry,
   type PushStats,
@@ -39,6 +41,8 @@ import {
 import type { Reference } from "./reference.ts";
 import { formatSize } from "./sizes.ts";
 
+/** Where the layer cache lives, for messages. */
+const CACHE_HINT = "the layer cache ($XDG_CACHE_HOME/imgmkr/layers or ~/.cache/imgmkr/layers)";
 /** Timestamp written into configs: fixed, so the same seed gives the same digests. */
 const EPOCH = "1970-01-01T00:00:00Z";
 
@@ -96,6 +100,12 @@ export interface NativeOptions {
    * @default {3}
    */
   retries?: number;
+  /**
+   * Remembers built layers' descriptors, so a push whose main pass would only
+   * hash skips that pass for layers built before.
+   * @default {undefined (no cache)}
+   */
+  cache?: LayerCache;
   /** Words describing how the image was made, for the config's history. */
   createdBy: string;
   /**
@@ -260,7 +270,23 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     );
     let t = performance.now();
     const results = new Map<string, LayerResult>();
+    const fromCache = new Set<string>();
     await mapConcurrent(entries, async ([key, { plan, label }], _i, sig) => {
+      const cacheInput: LayerKeyInput = {
+        plan,
+        seed: options.seed,
+        entropy: options.entropy ?? 100,
+        compression,
+        level: options.compressionLevel,
+      };
+      // Only a hash-only pass can be skipped: any other pass writes the layer somewhere.
+      const cached = mainSinks.length === 0 ? await options.cache?.get(cacheInput) : undefined;
+      if (cached) {
+        progress.info(`${label}: ${cached.descriptor.digest.slice(0, 19)} from the layer cache`);
+        results.set(key, cached);
+        fromCache.add(key);
+        return;
+      }
       const size = compression === "none" ? tarSize(plan) : undefined;
       const writers = await Promise.all(
         mainSinks.map((s) => s.createBlob({ mediaType: layerMediaType(compression), size })),
@@ -278,6 +304,7 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
       });
       task.done(r.descriptor.digest.slice(0, 19));
       results.set(key, r);
+      await options.cache?.put(cacheInput, r);
     }, { limit: options.maxConcurrent ?? 5, signal });
     lap("layers", t);
 
@@ -318,7 +345,11 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     // 4. The registry: HEAD each blob, upload what is missing (regenerated from the seed), then manifests.
     if (sinks.registry) {
       t = performance.now();
-      const layers = entries.map(([key, v]) => ({ ...v, result: results.get(key)! }));
+      const layers = entries.map(([key, v]) => ({
+        ...v,
+        result: results.get(key)!,
+        cached: fromCache.has(key),
+      }));
       await pushLayers(sinks.registry, layers, options, compression);
       await writeMetadata(sinks.registry, record);
       await sinks.registry.commit(record);
@@ -494,12 +525,12 @@ async function uncompressedPass(
  */
 async function pushLayers(
   sink: RegistrySink,
-  layers: { plan: LayerPlan; label: string; result: LayerResult }[],
+  layers: { plan: LayerPlan; label: string; result: LayerResult; cached: boolean }[],
   options: NativeOptions,
   compression: Compression,
 ): Promise<void> {
-  await mapConcurrent(layers, async ({ plan, label, result }, _i, sig) => {
-    await pushBlobWithRetry(sink, async (writer) => {
+  await mapConcurrent(layers, async ({ plan, label, result, cached }, _i, sig) => {
+    const pushed = pushBlobWithRetry(sink, async (writer) => {
       const task = options.progress.task(`push ${label}`, tarSize(plan));
       const built = await buildLayer({
         plan,
@@ -507,6 +538,7 @@ async function pushLayers(
         entropy: options.entropy,
         compression,
         compressionLevel: options.compressionLevel,
+        knownDiffId: result.diffId,
         // pushBlobWithRetry commits the blob once it has checked the digest.
         writers: [uncommitted(writer)],
         signal: sig,
@@ -529,6 +561,17 @@ async function pushLayers(
           })`,
         ),
     });
+    try {
+      await pushed;
+    } catch (err) {
+      // A digest that differs from a cached one points at the cache, not at the content.
+      if (!cached || !(err instanceof BlobMismatchError)) throw err;
+      throw new Error(
+        `${label}: ${(err as Error).message}; the digest came from the layer cache: ` +
+          `run again with --no-cache, or delete ${CACHE_HINT}`,
+        { cause: err },
+      );
+    }
   }, { limit: options.maxConcurrent ?? 5, signal: options.signal });
 }
 

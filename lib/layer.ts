@@ -60,6 +60,13 @@ export interface BuildLayerOptions {
    */
   signal?: AbortSignal;
   /**
+   * The diffID an earlier pass computed for this layer. The tar is then not
+   * hashed again (the blob digest still is, and proves the bytes are the
+   * same); with `compression: "none"` the blob is the tar, so it is hashed anyway.
+   * @default {undefined}
+   */
+  knownDiffId?: string;
+  /**
    * Called with the number of tar bytes done so far, at least every MiB and at the end.
    * @default {undefined}
    */
@@ -89,9 +96,10 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
       level: options.compressionLevel,
       workers: options.workers,
     });
-    const tarHash = createHash("sha256");
     // Without compression the blob is the tar: hash it once.
-    const blobHash = compression === "none" ? tarHash : createHash("sha256");
+    const skipTarHash = options.knownDiffId !== undefined && compression !== "none";
+    const tarHash = skipTarHash ? undefined : createHash("sha256");
+    const blobHash = compression === "none" ? tarHash! : createHash("sha256");
     const tar: TarCount = { bytes: 0 };
     let reported = 0;
     const source = hashedTar(tarSegments(plan, { seed, entropy }), tarHash, tar, signal);
@@ -115,7 +123,7 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
     if (tar.bytes !== expected) {
       throw new Error(`tar of layer ${plan.index} is ${tar.bytes} bytes, planned ${expected}`);
     }
-    const diffId = `sha256:${tarHash.digest("hex")}`;
+    const diffId = tarHash ? `sha256:${tarHash.digest("hex")}` : options.knownDiffId!;
     const digest = compression === "none" ? diffId : `sha256:${blobHash.digest("hex")}`;
     const descriptor: Descriptor = { mediaType: layerMediaType(compression), digest, size };
     signal?.throwIfAborted();
@@ -140,16 +148,16 @@ interface TarCount {
   bytes: number;
 }
 
-/** Hashes and counts tar segments before the compressor takes them, checking the signal. */
+/** Hashes (unless `hash` is undefined) and counts tar segments before the compressor takes them, checking the signal. */
 function* hashedTar(
   segments: Iterable<Segment>,
-  hash: Hash,
+  hash: Hash | undefined,
   count: TarCount,
   signal: AbortSignal | undefined,
 ): Generator<Segment> {
   for (const seg of segments) {
     signal?.throwIfAborted();
-    hash.update(seg.bytes);
+    hash?.update(seg.bytes);
     count.bytes += seg.bytes.length;
     yield seg;
   }

