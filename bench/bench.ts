@@ -5,7 +5,7 @@
  * stdout and as `.bench/results.json`. Goals are ratios, so they hold on any
  * machine; the exit code is non-zero only when a command fails.
  *
- * Run: `deno task bench`; `BENCH_SIZE=64MB deno task bench` for a quick try.
+ * Run: `deno task bench`; `BENCH_SIZE=64MB BENCH_ROUNDS=1 deno task bench` for a quick try.
  *
  * @module
  */
@@ -33,6 +33,12 @@ const TIME_BIN = "/usr/bin/time";
 const ROOT = fileURLToPath(new URL("../", import.meta.url));
 /** Where the results go (gitignored). */
 const RESULTS_FILE = `${ROOT}.bench/results.json`;
+/**
+ * Rounds when BENCH_ROUNDS is unset. Every round runs every row once, so the
+ * rows of a ratio alternate, and a row's figure is the median of its rounds:
+ * one slow run on a noisy machine moves no ratio.
+ */
+const DEFAULT_ROUNDS = 3;
 /** Exit code for a bad BENCH_SIZE, as imgmkr uses for bad usage. */
 const EXIT_USAGE = 2;
 /** Exit codes after a signal, as shells report them. */
@@ -60,11 +66,13 @@ interface Row {
   bytes: number;
   /** `failed` when the command failed or could not run. */
   status: "ok" | "failed";
-  /** Wall time. */
+  /** Wall time: the median of {@linkcode samples}. */
   seconds?: number;
+  /** Wall time of each round. */
+  samples: number[];
   /** `bytes` per second, in MiB. */
   mibPerSec?: number;
-  /** Peak RSS of an imgmkr run (null when /usr/bin/time is missing). */
+  /** Highest peak RSS of the row's imgmkr runs (null when /usr/bin/time is missing). */
   peakRssMB?: number | null;
   /** Why the row failed. */
   error?: string;
@@ -122,6 +130,8 @@ interface Bench {
   sizeText: string;
   /** BENCH_SIZE in bytes. */
   size: number;
+  /** BENCH_ROUNDS. */
+  rounds: number;
   /** The run's temp dir; everything written goes under it. */
   tmp: string;
   /** Whether /usr/bin/time exists. */
@@ -247,24 +257,44 @@ interface RowSpec {
   env?: Record<string, string>;
 }
 
-/** A new, failed row for `spec`, added to the bench. */
+/** The row of `spec` (made on its first round), marked failed with `error` if given. */
 function addRow(bench: Bench, spec: RowSpec, error?: string): Row {
-  const row: Row = {
-    key: spec.key,
-    step: spec.step,
-    label: spec.label,
-    argv: spec.imgmkr ? ["imgmkr", ...spec.argv] : spec.argv,
-    bytes: spec.bytes ?? bench.size,
-    status: "failed",
-    error,
-  };
-  bench.rows.push(row);
+  let row = bench.rows.find((r) => r.key === spec.key);
+  if (!row) {
+    row = {
+      key: spec.key,
+      step: spec.step,
+      label: spec.label,
+      argv: spec.imgmkr ? ["imgmkr", ...spec.argv] : spec.argv,
+      bytes: spec.bytes ?? bench.size,
+      status: "ok",
+      samples: [],
+    };
+    bench.rows.push(row);
+  }
+  if (error !== undefined) {
+    row.status = "failed";
+    row.error ??= error;
+  }
   return row;
 }
 
-/** Runs one row's command and records it; a failure is printed and recorded, never thrown. */
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+/**
+ * Runs one round of a row's command and records it; a failure is printed and
+ * recorded (a row with a failed round is failed), never thrown. Dirty pages of
+ * earlier rows are flushed first (`sync`, untimed), so no row pays for another's writeback.
+ */
 async function measure(bench: Bench, spec: RowSpec): Promise<Row> {
   const row = addRow(bench, spec);
+  await run(["sync"]).catch((e) => {
+    if (e instanceof Interrupted) throw e;
+  });
   log(`[${spec.step}] ${spec.label} ...`);
   let out: Outcome;
   try {
@@ -273,19 +303,22 @@ async function measure(bench: Bench, spec: RowSpec): Promise<Row> {
       : await run(spec.argv, { env: spec.env });
   } catch (e) {
     if (e instanceof Interrupted) throw e;
-    row.error = `cannot run ${spec.argv[0]}: ${(e as Error).message}`;
+    addRow(bench, spec, `cannot run ${spec.argv[0]}: ${(e as Error).message}`);
     log(`[${spec.step}] ${spec.label}: FAILED, ${row.error}`);
     return row;
   }
-  if (spec.imgmkr) row.peakRssMB = out.peakRssKB === undefined ? null : out.peakRssKB / 1024;
+  if (spec.imgmkr) {
+    const mb = out.peakRssKB === undefined ? null : out.peakRssKB / 1024;
+    row.peakRssMB = mb === null || row.peakRssMB === null ? null : Math.max(mb, row.peakRssMB ?? 0);
+  }
   if (out.code !== 0) {
-    row.error = `exit code ${out.code}: ${out.stderr.trim()}`;
+    addRow(bench, spec, `exit code ${out.code}: ${out.stderr.trim()}`);
     log(`[${spec.step}] ${spec.label}: FAILED with exit code ${out.code}; stderr:\n${out.stderr}`);
     return row;
   }
-  row.status = "ok";
-  row.seconds = out.seconds;
-  row.mibPerSec = row.bytes / MIB / out.seconds;
+  row.samples.push(out.seconds);
+  row.seconds = median(row.samples);
+  row.mibPerSec = row.bytes / MIB / row.seconds;
   log(`[${spec.step}] ${spec.label}: ${out.seconds.toFixed(3)} s`);
   return row;
 }
@@ -578,7 +611,8 @@ async function warmUp(bench: Bench): Promise<void> {
 }
 
 function computeRatios(rows: Row[]): Ratio[] {
-  const ok = (key: string) => rows.find((r) => r.key === key && r.status === "ok");
+  const ok = (key: string) =>
+    rows.find((r) => r.key === key && r.status === "ok" && r.seconds !== undefined);
   return RATIOS.map((spec) => {
     const of = ok(spec.of);
     const to = ok(spec.to);
@@ -605,12 +639,13 @@ function formatRss(row: Row): string {
 }
 
 function formatReport(bench: Bench, ratios: Ratio[], header: string[]): string {
-  const rows = table("llrrrl", [
-    ["step", "row", "seconds", "MiB/s", "peak RSS", "status"],
+  const rows = table("llrrrrl", [
+    ["step", "row", "seconds", "rounds", "MiB/s", "peak RSS", "status"],
     ...bench.rows.map((r) => [
       String(r.step),
       r.label,
       r.seconds?.toFixed(3) ?? "-",
+      r.samples.map((s) => s.toFixed(2)).join(" ") || "-",
       r.mibPerSec?.toFixed(1) ?? "-",
       formatRss(r),
       r.status,
@@ -640,6 +675,7 @@ async function describeRun(bench: Bench): Promise<{ lines: string[]; meta: objec
     date: new Date().toISOString(),
     size: bench.sizeText,
     sizeBytes: bench.size,
+    rounds: bench.rounds,
     cpus: navigator.hardwareConcurrency,
     deno: Deno.version.deno,
     docker: docker?.code === 0 ? docker.stdout.trim() : null,
@@ -650,9 +686,9 @@ async function describeRun(bench: Bench): Promise<{ lines: string[]; meta: objec
     lines: [
       `imgmkr bench: one ${formatSize(bench.size)} layer (${bench.size} bytes), seed ${SEED}, ` +
       `${meta.cpus} CPUs, deno ${meta.deno}, docker ${meta.docker ?? "unreachable"}`,
-      `Wall time of whole processes; imgmkr start-up (--version) takes ${
-        start.seconds.toFixed(3)
-      } s. MiB/s are of the layer size.`,
+      `Wall time of whole processes, median of ${bench.rounds} rounds (each round runs every ` +
+      `row once); imgmkr start-up (--version) takes ${start.seconds.toFixed(3)} s. ` +
+      "MiB/s are of the layer size.",
     ],
   };
 }
@@ -690,9 +726,16 @@ async function main(): Promise<number> {
     log(`BENCH_SIZE: ${(e as Error).message}`);
     return EXIT_USAGE;
   }
+  const roundsText = Deno.env.get("BENCH_ROUNDS") ?? String(DEFAULT_ROUNDS);
+  const rounds = Number(roundsText);
+  if (!Number.isInteger(rounds) || rounds < 1) {
+    log(`BENCH_ROUNDS: '${roundsText}' is not a whole number of at least 1`);
+    return EXIT_USAGE;
+  }
   const bench: Bench = {
     sizeText,
     size,
+    rounds,
     tmp: await Deno.makeTempDir({ prefix: "imgmkr-bench-" }),
     hasTime: await Deno.stat(TIME_BIN).then(() => true, () => false),
     rows: [],
@@ -709,8 +752,11 @@ async function main(): Promise<number> {
   try {
     ({ lines: header, meta } = await describeRun(bench));
     await warmUp(bench);
-    for (const step of [stepDd, stepOci, stepEngine, stepDockerLoad, stepMockFs, stepPush]) {
-      await runStep(bench, step);
+    for (let round = 1; round <= rounds; round++) {
+      if (rounds > 1) log(`round ${round} of ${rounds}`);
+      for (const step of [stepDd, stepOci, stepEngine, stepDockerLoad, stepMockFs, stepPush]) {
+        await runStep(bench, step);
+      }
     }
   } catch (e) {
     if (!(e instanceof Interrupted)) throw e;

@@ -17,7 +17,7 @@
  * @module
  */
 
-import { findOnPath, runChild } from "./engine.ts";
+import { type ChildResult, engineApiLoad, findOnPath, runChild } from "./engine.ts";
 import { BuilderError, UsageError } from "./errors.ts";
 import {
   BlobCheck,
@@ -352,17 +352,19 @@ class OciArchiveSink implements ImageSink {
     return Promise.resolve(this.#blobs.has(digestHex(desc.digest)));
   }
 
-  async createBlob(_options: CreateBlobOptions): Promise<BlobWriter> {
+  async createBlob(options: CreateBlobOptions): Promise<BlobWriter> {
     this.#checkUsable();
-    const writer = this.#tail.tryAcquire() ? await this.#directWriter() : await this.#spoolWriter();
+    const check = new BlobCheck(options);
+    const writer = this.#tail.tryAcquire()
+      ? await this.#directWriter(check)
+      : await this.#spoolWriter(check);
     this.#open.add(writer);
     return writer;
   }
 
   /** A writer that streams into the tar itself; it holds the tail lock until it ends. */
-  async #directWriter(): Promise<BlobWriter> {
+  async #directWriter(check: BlobCheck): Promise<BlobWriter> {
     const start = this.#offset;
-    const check = new BlobCheck();
     let ended = false;
     const end = () => {
       if (ended) return;
@@ -421,10 +423,9 @@ class OciArchiveSink implements ImageSink {
   }
 
   /** A writer that spools to a temp file, appended to the tar after commit. */
-  async #spoolWriter(): Promise<BlobWriter> {
+  async #spoolWriter(check: BlobCheck): Promise<BlobWriter> {
     const path = `${this.#s.temp}-${crypto.randomUUID()}.blob`;
     const file = await Deno.open(path, { read: true, write: true, createNew: true });
-    const check = new BlobCheck();
     let ended = false;
     const drop = async () => {
       this.#spools.delete(path);
@@ -586,6 +587,13 @@ class OciArchiveSink implements ImageSink {
 export interface LoadSinkOptions extends ArchiveSinkOptions {
   /** The command that reads a docker-archive on stdin, e.g. `["docker", "load"]`. */
   command: string[];
+  /**
+   * A Docker Engine API unix socket: the stream then goes to its
+   * `POST /images/load` (see {@linkcode engineApiLoad}) instead of through
+   * `command`, saving the CLI's copy of every byte; `command` is not run.
+   * @default {undefined}
+   */
+  socket?: string;
 }
 
 /**
@@ -608,18 +616,45 @@ export function createLoadSink(options: LoadSinkOptions): Promise<ImageSink> {
   if (command.length === 0) {
     return Promise.reject(new TypeError("createLoadSink: the command is empty"));
   }
+  const platform = options.platform ?? hostPlatform();
+  const socket = options.socket;
+  if (socket !== undefined) {
+    return Promise.resolve(
+      new LoadSink({
+        what: `the Docker Engine API at ${socket}`,
+        status: (code) => `HTTP status ${code}`,
+        run: (body, signal) => engineApiLoad(socket, body, { signal }),
+      }, platform),
+    );
+  }
   const exe = command[0];
   if (!exe.includes("/") && findOnPath(exe) === undefined) {
     return Promise.reject(
       new BuilderError(`Cannot run '${command.join(" ")}': '${exe}' is not on PATH`),
     );
   }
-  return Promise.resolve(new LoadSink(command, options.platform ?? hostPlatform()));
+  return Promise.resolve(
+    new LoadSink({
+      what: `'${command.join(" ")}'`,
+      status: (code) => `exit code ${code}`,
+      run: (stdin, signal) => runChild(command, { stdin, signal }),
+    }, platform),
+  );
+}
+
+/** What reads the stream of a {@linkcode LoadSink}: a command's stdin or the engine API. */
+interface LoadTransport {
+  /** Names it in messages, e.g. `'docker load'`. */
+  what: string;
+  /** Describes a failure code, e.g. `exit code 1`. */
+  status(code: number): string;
+  /** Starts it reading `body`; settles once it has finished (or been stopped by `signal`). */
+  run(body: ReadableStream<Uint8Array>, signal: AbortSignal): Promise<ChildResult>;
 }
 
 class LoadSink implements ImageSink {
   readonly name: string;
-  #command: string[];
+  #transport: LoadTransport;
   #platform: Platform;
   #writer: WritableStreamDefaultWriter<Uint8Array>;
   #stop = new AbortController();
@@ -630,18 +665,28 @@ class LoadSink implements ImageSink {
   #open: BlobWriter | undefined;
   #committed = false;
   #aborted = false;
+  /** Set once the final entries are being sent: a reader may then finish before close(). */
+  #closing = false;
   #failure: unknown = undefined;
 
-  constructor(command: string[], platform: Platform) {
-    this.name = `load:${command.join(" ")}`;
-    this.#command = command;
+  constructor(transport: LoadTransport, platform: Platform) {
+    this.name = `load (${transport.what})`;
+    this.#transport = transport;
     this.#platform = platform;
     const pipe = new TransformStream<Uint8Array, Uint8Array>();
     this.#writer = pipe.writable.getWriter();
-    this.#result = runChild(command, { stdin: pipe.readable, signal: this.#stop.signal });
+    this.#result = transport.run(pipe.readable, this.#stop.signal);
     // Rejections are reported through #fail(); keep them from being unhandled meanwhile.
     this.#result.catch(() => {});
     this.#writer.closed.catch(() => {});
+    // A reader that is gone (failed, unreachable, or done before the stream ended) reads no
+    // more: fail pending and later writes instead of leaving them waiting forever.
+    const stopWriting = (failed: boolean) => {
+      if (failed || !this.#closing) {
+        this.#writer.abort(new Error("the reader is gone")).catch(() => {});
+      }
+    };
+    this.#result.then((r) => stopWriting(r.code !== 0), () => stopWriting(true));
   }
 
   #checkUsable(): void {
@@ -658,12 +703,13 @@ class LoadSink implements ImageSink {
         try {
           const { code, tail } = await this.#result;
           error = new BuilderError(
-            `'${this.#command.join(" ")}' stopped reading the image stream ` +
-              `(exit code ${code})${tail ? `:\n${tail}` : ""}`,
+            `${this.#transport.what} stopped reading the image stream ` +
+              `(${this.#transport.status(code)})${tail ? `:\n${tail}` : ""}`,
             { cause },
           );
         } catch (err) {
-          error = new BuilderError(`Cannot run '${this.#command.join(" ")}': ${err}`, { cause });
+          const why = err instanceof Error ? err.message : String(err);
+          error = new BuilderError(`Cannot stream into ${this.#transport.what}: ${why}`, { cause });
         }
       }
       this.#failure = error;
@@ -698,7 +744,7 @@ class LoadSink implements ImageSink {
       this.#checkUsable();
       const path = `${this.#count++}/layer.tar`;
       await this.#send(fileHeader(path, size));
-      const writer = this.#layerWriter(path, size);
+      const writer = this.#layerWriter(path, size, new BlobCheck(options));
       this.#open = writer;
       return writer;
     } catch (err) {
@@ -707,8 +753,7 @@ class LoadSink implements ImageSink {
     }
   }
 
-  #layerWriter(path: string, size: number): BlobWriter {
-    const check = new BlobCheck();
+  #layerWriter(path: string, size: number, check: BlobCheck): BlobWriter {
     let ended = false;
     const end = () => {
       ended = true;
@@ -778,6 +823,7 @@ class LoadSink implements ImageSink {
       await this.#send(fileEntry("manifest.json", docker.manifest));
       await this.#send(fileEntry("repositories", docker.repositories));
       await this.#send(END_OF_ARCHIVE);
+      this.#closing = true;
       try {
         await this.#writer.close();
       } catch (err) {
@@ -791,7 +837,7 @@ class LoadSink implements ImageSink {
       }
       if (result.code !== 0) {
         this.#failure = new BuilderError(
-          `'${this.#command.join(" ")}' failed with exit code ${result.code}` +
+          `${this.#transport.what} failed with ${this.#transport.status(result.code)}` +
             `${result.tail ? `:\n${result.tail}` : ""}`,
         );
         throw this.#failure;

@@ -357,3 +357,118 @@ export function loadCommand(builder: BuilderName): string[] {
   }
   return [builder, "load"];
 }
+
+/** Where the docker CLI finds the daemon when neither DOCKER_HOST nor a context says otherwise. */
+export const DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock";
+
+/** Options for {@linkcode dockerSocket}. */
+export interface DockerSocketOptions {
+  /**
+   * The environment (DOCKER_HOST, DOCKER_CONTEXT, DOCKER_CONFIG, HOME).
+   * @default {Deno.env.toObject()}
+   */
+  env?: Record<string, string | undefined>;
+}
+
+/**
+ * The unix socket of the Docker daemon that `docker` would talk to, when it
+ * is one this process can open: `unix://` in DOCKER_HOST, else the default
+ * socket. Undefined for a tcp:// or ssh:// DOCKER_HOST, or a docker context
+ * other than `default`, which only the CLI resolves; callers then use the CLI.
+ */
+export function dockerSocket(options: DockerSocketOptions = {}): string | undefined {
+  const env = options.env ?? Deno.env.toObject();
+  const host = env.DOCKER_HOST;
+  let path: string;
+  if (host) {
+    if (!host.startsWith("unix://")) return undefined;
+    path = host.slice("unix://".length);
+  } else {
+    if (currentDockerContext(env) !== "default") return undefined;
+    path = DEFAULT_DOCKER_SOCKET;
+  }
+  try {
+    return Deno.statSync(path).isSocket ? path : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The docker context in use: DOCKER_CONTEXT, else `currentContext` of the CLI config, else `default`. */
+function currentDockerContext(env: Record<string, string | undefined>): string {
+  if (env.DOCKER_CONTEXT) return env.DOCKER_CONTEXT;
+  const dir = env.DOCKER_CONFIG ?? (env.HOME ? `${env.HOME}/.docker` : undefined);
+  if (!dir) return "default";
+  try {
+    const config = JSON.parse(Deno.readTextFileSync(`${dir}/config.json`));
+    return typeof config?.currentContext === "string" && config.currentContext
+      ? config.currentContext
+      : "default";
+  } catch {
+    return "default";
+  }
+}
+
+/** Options for {@linkcode engineApiLoad}. */
+export interface EngineApiLoadOptions {
+  /**
+   * Abort the request (the daemon then drops what it received) when this aborts.
+   * @default {undefined}
+   */
+  signal?: AbortSignal;
+}
+
+/**
+ * Streams a docker-archive into `POST /images/load` of the Docker Engine API
+ * listening on unix socket `socket`, as `docker load` does but without the
+ * CLI relaying every byte through a pipe. Resolves like {@linkcode runChild}:
+ * `code` 0 when the daemon loaded the image, else the HTTP status (or 1 for
+ * an error reported inside a 200 response) with the daemon's message as `tail`.
+ *
+ * @throws {TypeError} when the socket cannot be reached or the stream breaks.
+ */
+export async function engineApiLoad(
+  socket: string,
+  body: ReadableStream<Uint8Array>,
+  options: EngineApiLoadOptions = {},
+): Promise<ChildResult> {
+  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socket } });
+  try {
+    // The host is not used (the socket is); the API version is the daemon's own.
+    let res: Response;
+    let text: string;
+    try {
+      res = await fetch("http://docker/images/load?quiet=1", {
+        method: "POST",
+        headers: { "content-type": "application/x-tar" },
+        body,
+        client,
+        signal: options.signal,
+      });
+      text = await res.text();
+    } catch (err) {
+      if (options.signal?.aborted) throw err;
+      // "fetch failed" alone says nothing: the cause names the socket error.
+      const cause = (err as Error).cause;
+      const why = cause instanceof Error ? cause.message.replace(/^.*client error /, "") : "";
+      throw new TypeError(`${(err as Error).message}${why ? `: ${why}` : ""}`, { cause: err });
+    }
+    const messages: string[] = [];
+    let failed = !res.ok;
+    for (const line of text.split("\n")) {
+      if (!line.trim()) continue;
+      try {
+        const msg = JSON.parse(line);
+        if (msg.error || msg.errorDetail) failed = true;
+        const said = msg.errorDetail?.message ?? msg.error ?? msg.message ?? msg.stream;
+        if (typeof said === "string" && said.trim()) messages.push(said.trim());
+      } catch {
+        messages.push(line.trim());
+      }
+    }
+    const tail = messages.slice(-TAIL_LINES).join("\n");
+    return { code: failed ? (res.ok ? 1 : res.status) : 0, tail };
+  } finally {
+    client.close();
+  }
+}

@@ -6,8 +6,15 @@
  * @module
  */
 
-import { type BuilderName, checkDaemon, detectBuilder, loadCommand, LOADERS } from "./engine.ts";
-import { UsageError } from "./errors.ts";
+import {
+  type BuilderName,
+  checkDaemon,
+  detectBuilder,
+  dockerSocket,
+  loadCommand,
+  LOADERS,
+} from "./engine.ts";
+import { RegistryError, UsageError } from "./errors.ts";
 import { buildLayer } from "./layer.ts";
 import type { LayerCache, LayerKeyInput } from "./cache.ts";
 import { createLoadSink, createOciArchiveSink } from "./archive.ts";
@@ -193,6 +200,8 @@ async function openSinks(
       else if (o.kind === "load") {
         sink = sinks.load = await createLoadSink({
           command: loadCommand(loadBuilder!),
+          // docker's own daemon takes the stream straight from imgmkr, without the CLI relaying it.
+          socket: loadBuilder === "docker" ? dockerSocket() : undefined,
           platform: options.platforms[0],
         });
       } else {
@@ -247,6 +256,9 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
   // A docker-archive must know each layer's size before its data: only uncompressed tars.
   const loadInMainPass = sinks.load !== undefined && compression === "none";
   const mainSinks = loadInMainPass ? [...sinks.local, sinks.load!] : sinks.local;
+  // Only a registry: the first pass is for the HEADs, which need just the blob digests; the
+  // upload pass (or, for a blob the registry has, a tar-only pass) computes the diffIDs.
+  const registryOnly = sinks.registry !== undefined && sinks.all.length === 1;
   try {
     // 1. Layers: one pass per distinct layer into the main sinks (hash-only when there are none).
     const distinct = new Map<string, { plan: LayerPlan; label: string }>();
@@ -288,8 +300,11 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
         return;
       }
       const size = compression === "none" ? tarSize(plan) : undefined;
+      // buildLayer hashes exactly the bytes it writes: the sinks need not hash them again.
       const writers = await Promise.all(
-        mainSinks.map((s) => s.createBlob({ mediaType: layerMediaType(compression), size })),
+        mainSinks.map((s) =>
+          s.createBlob({ mediaType: layerMediaType(compression), size, verify: false })
+        ),
       );
       const task = progress.task(`${label} (${plural(plan.files.length, "file")})`, tarSize(plan));
       const r = await buildLayer({
@@ -299,14 +314,41 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
         compression,
         compressionLevel: options.compressionLevel,
         writers,
+        skipDiffId: registryOnly,
         signal: sig,
         onProgress: fileProgress(task),
       });
       task.done(r.descriptor.digest.slice(0, 19));
       results.set(key, r);
-      await options.cache?.put(cacheInput, r);
+      if (r.diffId) await options.cache?.put(cacheInput, r);
     }, { limit: options.maxConcurrent ?? 5, signal });
     lap("layers", t);
+
+    // The registry's layers come first when they complete the diffIDs the configs need.
+    const pushEntries = () =>
+      entries.map(([key, v]) => ({
+        ...v,
+        key,
+        result: results.get(key)!,
+        cached: fromCache.has(key),
+      }));
+    let layersPushed = false;
+    if (sinks.registry && registryOnly) {
+      t = performance.now();
+      for (const done of await pushLayers(sinks.registry, pushEntries(), options, compression)) {
+        if (results.get(done.key)!.diffId) continue;
+        results.set(done.key, done.result);
+        await options.cache?.put({
+          plan: done.plan,
+          seed: options.seed,
+          entropy: options.entropy ?? 100,
+          compression,
+          level: options.compressionLevel,
+        }, done.result);
+      }
+      layersPushed = true;
+      lap("push", t);
+    }
 
     // 2. Configs, manifests, index; then each local output is committed (tagged) last.
     const images: BuiltImage[] = options.platforms.map((platform, p) => {
@@ -345,16 +387,11 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     // 4. The registry: HEAD each blob, upload what is missing (regenerated from the seed), then manifests.
     if (sinks.registry) {
       t = performance.now();
-      const layers = entries.map(([key, v]) => ({
-        ...v,
-        result: results.get(key)!,
-        cached: fromCache.has(key),
-      }));
-      await pushLayers(sinks.registry, layers, options, compression);
+      if (!layersPushed) await pushLayers(sinks.registry, pushEntries(), options, compression);
       await writeMetadata(sinks.registry, record);
       await sinks.registry.commit(record);
       progress.stage(`Pushed ${sinks.registry.digestReference ?? options.reference.name}`);
-      lap("push", t);
+      timings.push = round((timings.push ?? 0) + (performance.now() - t) / 1000);
     }
     timings.total = round((performance.now() - started) / 1000);
     return summarize(options, record, timings, sinks.registry, onlyLoad);
@@ -435,6 +472,8 @@ function assembleImage(
   layers: LayerResult[],
   options: NativeOptions,
 ): BuiltImage {
+  const missing = layers.findIndex((l) => !l.diffId);
+  if (missing >= 0) throw new Error(`layer ${plans[missing].index} has no diffID yet`);
   const config = jsonBlob(MediaType.Config, {
     created: EPOCH,
     architecture: platform.architecture,
@@ -493,9 +532,11 @@ async function uncompressedPass(
   const layers: LayerResult[] = [];
   for (const plan of options.plans[0]) {
     options.signal?.throwIfAborted();
+    const first = img.layers[plan.index - 1];
     const w: BlobWriter = await sink.createBlob({
       mediaType: MediaType.Layer,
-      size: img.layers[plan.index - 1].tarSize,
+      size: first.tarSize,
+      verify: false,
     });
     layers.push(
       await buildLayer({
@@ -504,6 +545,8 @@ async function uncompressedPass(
         entropy: options.entropy,
         compression: "none",
         writers: [w],
+        // The first pass hashed this tar; the engine checks every layer against its diffID.
+        knownDigest: first.diffId,
         signal: options.signal,
       }),
     );
@@ -517,19 +560,34 @@ async function uncompressedPass(
   };
 }
 
+/** A layer to push: its first pass's result, whose diffId may still be "". */
+interface PushEntry {
+  key: string;
+  plan: LayerPlan;
+  label: string;
+  result: LayerResult;
+  cached: boolean;
+}
+
 /**
  * HEADs each layer and uploads the missing ones. A streamed upload that
  * breaks is regenerated from the seed and sent again (with backoff and
  * `Retry-After`) by {@linkcode pushBlobWithRetry}, which also checks that
- * every attempt has the digest of the first pass.
+ * every attempt has the digest of the first pass. A diffID the first pass
+ * left out is computed by the upload pass, or for a blob the registry
+ * already has, by a pass over the tar alone.
+ *
+ * @returns each layer with its complete result.
  */
 async function pushLayers(
   sink: RegistrySink,
-  layers: { plan: LayerPlan; label: string; result: LayerResult; cached: boolean }[],
+  layers: PushEntry[],
   options: NativeOptions,
   compression: Compression,
-): Promise<void> {
-  await mapConcurrent(layers, async ({ plan, label, result, cached }, _i, sig) => {
+): Promise<PushEntry[]> {
+  return await mapConcurrent(layers, async (entry, _i, sig) => {
+    const { plan, label, result, cached } = entry;
+    let diffId = result.diffId;
     const pushed = pushBlobWithRetry(sink, async (writer) => {
       const task = options.progress.task(`push ${label}`, tarSize(plan));
       const built = await buildLayer({
@@ -538,13 +596,17 @@ async function pushLayers(
         entropy: options.entropy,
         compression,
         compressionLevel: options.compressionLevel,
-        knownDiffId: result.diffId,
+        knownDiffId: diffId || undefined,
+        // The registry checks every byte against the digest on the final PUT (a mismatch is
+        // DIGEST_INVALID): hashing the blob here too would take CPU the registry needs.
+        knownDigest: result.descriptor.digest,
         // pushBlobWithRetry commits the blob once it has checked the digest.
         writers: [uncommitted(writer)],
         signal: sig,
         onProgress: fileProgress(task),
       });
       task.done();
+      diffId = built.diffId;
       return built.descriptor;
     }, {
       mediaType: result.descriptor.mediaType,
@@ -564,14 +626,32 @@ async function pushLayers(
     try {
       await pushed;
     } catch (err) {
-      // A digest that differs from a cached one points at the cache, not at the content.
-      if (!cached || !(err instanceof BlobMismatchError)) throw err;
+      // A digest that differs from a cached one points at the cache, not at the content. The
+      // registry finds it (DIGEST_INVALID), or our own check does when a size differs.
+      const mismatch = err instanceof BlobMismatchError ||
+        (err instanceof RegistryError && err.code === "DIGEST_INVALID");
+      if (!cached || !mismatch) throw err;
       throw new Error(
         `${label}: ${(err as Error).message}; the digest came from the layer cache: ` +
           `run again with --no-cache, or delete ${CACHE_HINT}`,
         { cause: err },
       );
     }
+    if (!diffId) {
+      // Skipped by the HEAD before any upload pass: the diffID needs the tar itself.
+      const task = options.progress.task(`diffID ${label}`, tarSize(plan));
+      const tar = await buildLayer({
+        plan,
+        seed: options.seed,
+        entropy: options.entropy,
+        compression: "none",
+        signal: sig,
+        onProgress: fileProgress(task),
+      });
+      task.done(tar.diffId.slice(0, 19));
+      diffId = tar.diffId;
+    }
+    return { ...entry, result: { ...result, diffId } };
   }, { limit: options.maxConcurrent ?? 5, signal: options.signal });
 }
 

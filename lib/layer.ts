@@ -7,7 +7,7 @@
  * @module
  */
 
-import { createHash, type Hash } from "node:crypto";
+import { createHash } from "node:crypto";
 import type { Segment } from "./content.ts";
 import { createCompressor } from "./compress.ts";
 import {
@@ -18,7 +18,7 @@ import {
   type LayerResult,
 } from "./oci.ts";
 import type { LayerPlan } from "./plan.ts";
-import { tarSegments, tarSize } from "./tar.ts";
+import { tarSegmentStream, tarSize } from "./tar.ts";
 
 /** Least number of tar bytes between two progress reports, so tiny files do not flood the callback. */
 const PROGRESS_STEP = 1024 * 1024;
@@ -61,11 +61,28 @@ export interface BuildLayerOptions {
   signal?: AbortSignal;
   /**
    * The diffID an earlier pass computed for this layer. The tar is then not
-   * hashed again (the blob digest still is, and proves the bytes are the
-   * same); with `compression: "none"` the blob is the tar, so it is hashed anyway.
+   * hashed again (the blob digest still is, unless `knownDigest` is given);
+   * with `compression: "none"` the blob is the tar, so it is hashed unless
+   * `knownDigest` is given.
    * @default {undefined}
    */
   knownDiffId?: string;
+  /**
+   * The blob digest an earlier pass computed, for a destination that checks
+   * every byte against it itself (a registry does on the final PUT): the
+   * blob is then not hashed again and the result carries this digest. Never
+   * for a destination that trusts the digest, such as a layout.
+   * @default {undefined}
+   */
+  knownDigest?: string;
+  /**
+   * Do not hash the tar at all: for a pass that needs only the blob digest
+   * (the one before a registry HEAD), whose diffID a later pass computes. The
+   * result's `diffId` is then `""`. Ignored with `compression: "none"`, where
+   * the digest is the diffID.
+   * @default {false}
+   */
+  skipDiffId?: boolean;
   /**
    * Called with the number of tar bytes done so far, at least every MiB and at the end.
    * @default {undefined}
@@ -97,16 +114,21 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
       workers: options.workers,
     });
     // Without compression the blob is the tar: hash it once.
-    const skipTarHash = options.knownDiffId !== undefined && compression !== "none";
-    const tarHash = skipTarHash ? undefined : createHash("sha256");
-    const blobHash = compression === "none" ? tarHash! : createHash("sha256");
+    // Without compression the blob is the tar: one hash (or none) serves as digest and diffID.
+    const none = compression === "none";
+    const known = none ? options.knownDigest : options.knownDiffId;
+    const skipTarHash = known !== undefined || (!none && options.skipDiffId === true);
+    const blobHash = none || options.knownDigest !== undefined ? undefined : createHash("sha256");
     const tar: TarCount = { bytes: 0 };
     let reported = 0;
-    const source = hashedTar(tarSegments(plan, { seed, entropy }), tarHash, tar, signal);
+    // Big tars are generated (and hashed) on a Worker: this thread compresses, hashes the blob
+    // and writes.
+    const stream = tarSegmentStream(plan, { seed, entropy, hash: !skipTarHash });
+    const source = countedTar(stream, tar, signal);
     let size = 0;
     for await (const chunk of compressor.compress(source)) {
       signal?.throwIfAborted();
-      if (blobHash !== tarHash) blobHash.update(chunk);
+      blobHash?.update(chunk);
       size += chunk.length;
       // One write in flight while the next chunk is made: generation overlaps a
       // blocking disk or network write, and memory stays at one chunk.
@@ -123,8 +145,12 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
     if (tar.bytes !== expected) {
       throw new Error(`tar of layer ${plan.index} is ${tar.bytes} bytes, planned ${expected}`);
     }
-    const diffId = tarHash ? `sha256:${tarHash.digest("hex")}` : options.knownDiffId!;
-    const digest = compression === "none" ? diffId : `sha256:${blobHash.digest("hex")}`;
+    const diffId = skipTarHash ? known ?? "" : stream.digest();
+    const digest = blobHash
+      ? `sha256:${blobHash.digest("hex")}`
+      : none
+      ? diffId
+      : options.knownDigest!;
     const descriptor: Descriptor = { mediaType: layerMediaType(compression), digest, size };
     signal?.throwIfAborted();
     await allOrFirstError(writers.map((w) => w.commit(descriptor)));
@@ -148,16 +174,14 @@ interface TarCount {
   bytes: number;
 }
 
-/** Hashes (unless `hash` is undefined) and counts tar segments before the compressor takes them, checking the signal. */
-function* hashedTar(
-  segments: Iterable<Segment>,
-  hash: Hash | undefined,
+/** Counts tar segments before the compressor takes them, checking the signal. */
+async function* countedTar(
+  segments: AsyncIterable<Segment>,
   count: TarCount,
   signal: AbortSignal | undefined,
-): Generator<Segment> {
-  for (const seg of segments) {
+): AsyncGenerator<Segment> {
+  for await (const seg of segments) {
     signal?.throwIfAborted();
-    hash?.update(seg.bytes);
     count.bytes += seg.bytes.length;
     yield seg;
   }

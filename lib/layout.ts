@@ -165,7 +165,7 @@ class LayoutSink implements ImageSink {
     return info !== undefined && info.isFile && info.size === desc.size;
   }
 
-  async createBlob(_options: CreateBlobOptions): Promise<BlobWriter> {
+  async createBlob(options: CreateBlobOptions): Promise<BlobWriter> {
     this.#checkUsable();
     const blobs = `${this.#state.dir}/${BLOBS_DIR}`;
     const path = `${blobs}/${TEMP_PREFIX}${crypto.randomUUID()}`;
@@ -177,6 +177,7 @@ class LayoutSink implements ImageSink {
       sync: this.#state.sync,
       target: (digest) => this.#blobPath(digest),
       done: () => this.#open.delete(writer),
+      check: new BlobCheck(options),
     });
     this.#open.add(writer);
     return writer;
@@ -244,16 +245,18 @@ interface LayoutBlobWriterState {
   sync: boolean;
   target: (digest: string) => string;
   done: () => void;
+  check: BlobCheck;
 }
 
 /** Streams one blob into a temp file, then verifies and renames it. */
 class LayoutBlobWriter implements BlobWriter {
   #s: LayoutBlobWriterState;
-  #check = new BlobCheck();
+  #check: BlobCheck;
   #closed = false;
 
   constructor(state: LayoutBlobWriterState) {
     this.#s = state;
+    this.#check = state.check;
   }
 
   async write(chunk: Uint8Array): Promise<void> {
@@ -301,17 +304,22 @@ class LayoutBlobWriter implements BlobWriter {
 }
 
 /**
- * Counts and hashes a blob as it is written, and checks it against the
- * descriptor it is committed with.
+ * Counts and (unless told the producer does it) hashes a blob as it is
+ * written, and checks it against the descriptor it is committed with.
  */
 export class BlobCheck {
-  #hash: Hash = createHash("sha256");
+  #hash: Hash | undefined;
   /** Bytes seen so far. */
   size = 0;
 
+  /** `verify: false` checks only the size (see {@linkcode CreateBlobOptions.verify}). */
+  constructor(options: Pick<CreateBlobOptions, "verify"> = {}) {
+    this.#hash = options.verify === false ? undefined : createHash("sha256");
+  }
+
   /** Adds bytes. */
   update(chunk: Uint8Array): void {
-    this.#hash.update(chunk);
+    this.#hash?.update(chunk);
     this.size += chunk.length;
   }
 
@@ -320,11 +328,12 @@ export class BlobCheck {
    * @throws {TypeError} naming what was written and what `desc` claims.
    */
   verify(desc: Descriptor, where: string): void {
-    const digest = `sha256:${this.#hash.digest("hex")}`;
+    const digest = this.#hash ? `sha256:${this.#hash.digest("hex")}` : desc.digest;
     if (digest !== desc.digest || this.size !== desc.size) {
       throw new TypeError(
-        `${where}: blob committed as ${desc.digest} (${desc.size} bytes) but ${digest} ` +
-          `(${this.size} bytes) was written`,
+        `${where}: blob committed as ${desc.digest} (${desc.size} bytes) but ${
+          this.#hash ? digest : "a blob"
+        } (${this.size} bytes) was written`,
       );
     }
   }

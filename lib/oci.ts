@@ -172,6 +172,14 @@ export interface CreateBlobOptions {
    * @default {undefined}
    */
   size?: number;
+  /**
+   * Whether the sink hashes the bytes and checks them against the digest they
+   * are committed with. `false` only for a producer that hashes exactly the
+   * bytes it writes and commits with that digest (as `buildLayer` does), so
+   * the same bytes are not hashed twice; the size is still checked.
+   * @default {true}
+   */
+  verify?: boolean;
 }
 
 /**

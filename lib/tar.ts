@@ -10,6 +10,7 @@
  * @module
  */
 
+import { createHash, type Hash } from "node:crypto";
 import { fileSegments, type Segment } from "./content.ts";
 import { compareBytes, type LayerPlan } from "./plan.ts";
 
@@ -178,4 +179,134 @@ export function* tarSegments(plan: LayerPlan, options: TarOptions): Generator<Se
     if (pad > 0) yield { bytes: new Uint8Array(pad), random: false };
   }
   yield { bytes: new Uint8Array(END_OF_ARCHIVE), random: false };
+}
+
+/** Tars smaller than this are generated inline: a Worker's start-up would cost more than it saves. */
+export const TAR_WORKER_MIN_BYTES = 8 * 1024 * 1024;
+/** The Worker posts segments in batches of at least this many bytes (or the tar's end). */
+export const TAR_BATCH_BYTES = 1024 * 1024;
+/** Batches the Worker may run ahead of the consumer: memory stays at about this many × 1 MiB. */
+const TAR_BATCHES_AHEAD = 4;
+
+/** Options for {@linkcode tarSegmentStream}. */
+export interface TarStreamOptions extends TarOptions {
+  /**
+   * Also compute the tar's SHA-256 (on the generating thread), as
+   * {@linkcode TarStream.digest}.
+   * @default {false}
+   */
+  hash?: boolean;
+  /**
+   * Generate on a Worker when the tar has at least this many bytes.
+   * @default {TAR_WORKER_MIN_BYTES}
+   */
+  workerMinBytes?: number;
+}
+
+/** A message from the tar Worker. */
+export interface TarWorkerReply {
+  /** The next segments, in order. */
+  batch?: Segment[];
+  /** On the last batch: `sha256:` of the whole tar when asked for, else "". */
+  done?: string;
+  /** Why generation failed. */
+  error?: string;
+}
+
+/** The tar of a plan as segments, and once they have all been read, its digest. */
+export interface TarStream extends AsyncIterable<Segment> {
+  /**
+   * `sha256:` of every byte yielded, with `hash: true`.
+   * @throws {TypeError} before the last segment was read, or without `hash: true`.
+   */
+  digest(): string;
+}
+
+/** The hash of segments, or none. */
+function maybeHash(hash: boolean | undefined): Hash | undefined {
+  return hash ? createHash("sha256") : undefined;
+}
+
+/**
+ * The same segments as {@linkcode tarSegments}, generated (and hashed, with
+ * `hash: true`) on a Worker for big layers, so the calling thread is left to
+ * compress and write while the next bytes are made. The Worker runs at most
+ * a few MiB ahead; stopping the iteration early stops it.
+ */
+export function tarSegmentStream(plan: LayerPlan, options: TarStreamOptions): TarStream {
+  let digest: string | undefined;
+  const inline = tarSize(plan) < (options.workerMinBytes ?? TAR_WORKER_MIN_BYTES);
+  async function* segments(): AsyncGenerator<Segment> {
+    if (inline) {
+      const hash = maybeHash(options.hash);
+      for (const seg of tarSegments(plan, options)) {
+        hash?.update(seg.bytes);
+        yield seg;
+      }
+      digest = hash ? `sha256:${hash.digest("hex")}` : "";
+      return;
+    }
+    yield* workerSegments(plan, options, (d) => digest = d);
+  }
+  return {
+    [Symbol.asyncIterator]: segments,
+    digest() {
+      if (!options.hash) throw new TypeError("tarSegmentStream: digest() needs hash: true");
+      if (digest === undefined) {
+        throw new TypeError("tarSegmentStream: the tar was not read to its end");
+      }
+      return digest;
+    },
+  };
+}
+
+let liveWorkers = 0;
+
+/** How many tar Workers are running now: none once every stream has ended (a leak check). */
+export function runningTarWorkers(): number {
+  return liveWorkers;
+}
+
+async function* workerSegments(
+  plan: LayerPlan,
+  options: TarStreamOptions,
+  onDigest: (digest: string) => void,
+): AsyncGenerator<Segment> {
+  const worker = new Worker(new URL("./tar_worker.ts", import.meta.url), { type: "module" });
+  liveWorkers++;
+  const replies: TarWorkerReply[] = [];
+  let wake: (() => void) | undefined;
+  const arrive = (reply: TarWorkerReply) => {
+    replies.push(reply);
+    wake?.();
+  };
+  worker.onmessage = (e: MessageEvent<TarWorkerReply>) => arrive(e.data);
+  worker.onerror = (e: ErrorEvent) => {
+    e.preventDefault();
+    arrive({ error: e.message });
+  };
+  try {
+    worker.postMessage({
+      plan,
+      seed: options.seed,
+      entropy: options.entropy ?? 100,
+      hash: options.hash ?? false,
+      ahead: TAR_BATCHES_AHEAD,
+    });
+    while (true) {
+      if (replies.length === 0) await new Promise<void>((r) => wake = r);
+      wake = undefined;
+      const reply = replies.shift()!;
+      if (reply.error !== undefined) throw new Error(`tar generator failed: ${reply.error}`);
+      if (reply.done === undefined) worker.postMessage("more"); // one taken, one more may be made
+      yield* reply.batch!;
+      if (reply.done !== undefined) {
+        onDigest(reply.done);
+        return;
+      }
+    }
+  } finally {
+    worker.terminate();
+    liveWorkers--;
+  }
 }

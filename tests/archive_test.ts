@@ -6,6 +6,7 @@ import {
   fileHeader,
 } from "../lib/archive.ts";
 import { BuilderError, UsageError } from "../lib/errors.ts";
+import { dockerSocket } from "../lib/engine.ts";
 import { REF_NAME_ANNOTATION, TEMP_PREFIX } from "../lib/layout.ts";
 import { type ImageRecord, MediaType } from "../lib/oci.ts";
 import { requireDocker, run } from "./support/docker.ts";
@@ -355,13 +356,21 @@ Deno.test("createLoadSink() streams a docker-archive that docker and podman load
       layers: [[1000, 300_000], [70_000], [0]],
       compression: "none",
     });
-    for (const engine of ["docker", "podman"] as const) {
-      await t.step(`${engine} load gets the image under repo:tag`, async () => {
+    const loaders = [
+      { engine: "docker", via: "docker load" },
+      { engine: "docker", via: "the Engine API socket" },
+      { engine: "podman", via: "podman load" },
+    ] as const;
+    for (const { engine, via } of loaders) {
+      await t.step(`${engine} gets the image under repo:tag through ${via}`, async () => {
         if (engine === "docker") await requireDocker();
+        const socket = via === "the Engine API socket" ? dockerSocket() : undefined;
+        if (via === "the Engine API socket") assert(socket, "the test engine has no unix socket");
         const name = uniqueName("load");
         const ref = engine === "docker" ? `${name}:v1` : `docker.io/${name}:v1`;
         try {
-          const sink = await createLoadSink({ command: [engine, "load"] });
+          const sink = await createLoadSink({ command: [engine, "load"], socket });
+          assertStringIncludes(sink.name, socket ?? `'${engine} load'`);
           // Concurrent layers must be serialized by the sink, not interleaved.
           await writeImage(sink, makeRecord([image], name, "v1"), {
             sizeKnown: true,
@@ -403,34 +412,51 @@ Deno.test("createLoadSink() reports failures and never leaves a tagged partial i
       });
     }
 
-    await t.step("docker's own error for a corrupt stream is reported", async () => {
-      await requireDocker();
-      const name = uniqueName("corrupt");
-      // The config claims other diff IDs than the layers have: docker load must refuse it.
-      const wrong = imageOf(image.platform, [
-        { ...image.layers[0], diffId: image.layers[1].diffId },
-        image.layers[1],
-      ]);
-      const sink = await createLoadSink({ command: ["docker", "load"] });
-      const err = await assertRejects(
-        () => writeImage(sink, makeRecord([wrong], name, "v1"), { sizeKnown: true }),
-        BuilderError,
-      );
-      assert(/diff ?id/i.test(err.message), err.message);
-      assertEquals(await engineInspect("docker", `${name}:v1`), undefined);
-    });
+    for (const api of [false, true]) {
+      const via = api ? "the Engine API" : "docker load";
+      await t.step(`docker's own error for a corrupt stream is reported (${via})`, async () => {
+        await requireDocker();
+        const name = uniqueName("corrupt");
+        // The config claims other diff IDs than the layers have: docker load must refuse it.
+        const wrong = imageOf(image.platform, [
+          { ...image.layers[0], diffId: image.layers[1].diffId },
+          image.layers[1],
+        ]);
+        const socket = api ? dockerSocket() : undefined;
+        const sink = await createLoadSink({ command: ["docker", "load"], socket });
+        const err = await assertRejects(
+          () => writeImage(sink, makeRecord([wrong], name, "v1"), { sizeKnown: true }),
+          BuilderError,
+        );
+        assert(/diff ?id/i.test(err.message), err.message);
+        if (api) assertStringIncludes(err.message, `the Docker Engine API at ${socket}`);
+        assertEquals(await engineInspect("docker", `${name}:v1`), undefined);
+      });
 
-    await t.step("abort mid-layer kills docker load and tags nothing", async () => {
-      await requireDocker();
-      const name = uniqueName("abort");
-      const sink = await createLoadSink({ command: ["docker", "load"] });
-      await writeLayer(sink, image.layers[1], { sizeKnown: true });
-      const writer = await sink.createBlob({ mediaType: MediaType.Layer, size: 200_000 });
-      await writer.write(new Uint8Array(100_000));
-      await sink.abort();
-      await sink.abort();
-      await assertRejects(() => sink.commit(record(name)), TypeError, "aborted");
-      assertEquals(await engineInspect("docker", `${name}:v1`), undefined);
+      await t.step(`abort mid-layer stops ${via} and tags nothing`, async () => {
+        await requireDocker();
+        const name = uniqueName("abort");
+        const socket = api ? dockerSocket() : undefined;
+        const sink = await createLoadSink({ command: ["docker", "load"], socket });
+        await writeLayer(sink, image.layers[1], { sizeKnown: true });
+        const writer = await sink.createBlob({ mediaType: MediaType.Layer, size: 200_000 });
+        await writer.write(new Uint8Array(100_000));
+        await sink.abort();
+        await sink.abort();
+        await assertRejects(() => sink.commit(record(name)), TypeError, "aborted");
+        assertEquals(await engineInspect("docker", `${name}:v1`), undefined);
+      });
+    }
+
+    await t.step("a socket nobody listens on is a BuilderError naming it", async () => {
+      const socket = `${work}/no-daemon.sock`;
+      const sink = await createLoadSink({ command: ["docker", "load"], socket });
+      const err = await assertRejects(
+        () => writeImage(sink, record("t/nosock"), { sizeKnown: true }),
+        BuilderError,
+        `Cannot stream into the Docker Engine API at ${socket}`,
+      );
+      assertStringIncludes(err.message, "No such file or directory");
     });
 
     await t.step("a blob without a size is a TypeError", async () => {

@@ -10,7 +10,9 @@ import {
   buildCommand,
   BUILDERS,
   checkDaemon,
+  DEFAULT_DOCKER_SOCKET,
   detectBuilder,
+  dockerSocket,
   findOnPath,
   LOADERS,
   runChild,
@@ -186,5 +188,75 @@ Deno.test("runChild() streams output, reports the exit code, and kills the child
       signal: controller.signal,
     });
     assertEquals(r.code, 137, "SIGKILL");
+  });
+});
+
+Deno.test("dockerSocket() finds the daemon's unix socket only where the docker CLI would use it", async (t) => {
+  await withTempDir(async (dir) => {
+    const socket = `${dir}/docker.sock`;
+    const listener = Deno.listen({ transport: "unix", path: socket });
+    try {
+      await Deno.writeTextFile(`${dir}/plain-file`, "");
+      await Deno.mkdir(`${dir}/ctx`);
+      await Deno.writeTextFile(
+        `${dir}/ctx/config.json`,
+        JSON.stringify({ currentContext: "colima" }),
+      );
+      await Deno.mkdir(`${dir}/noctx`);
+      await Deno.writeTextFile(`${dir}/noctx/config.json`, JSON.stringify({ auths: {} }));
+      let defaultIsSocket = false;
+      try {
+        defaultIsSocket = Deno.statSync(DEFAULT_DOCKER_SOCKET).isSocket === true;
+      } catch {
+        // no default socket on this machine
+      }
+      const defaultSocket = defaultIsSocket ? DEFAULT_DOCKER_SOCKET : undefined;
+      const cases: { name: string; env: Record<string, string>; want: string | undefined }[] = [
+        { name: "a unix:// DOCKER_HOST", env: { DOCKER_HOST: `unix://${socket}` }, want: socket },
+        {
+          name: "a unix:// DOCKER_HOST that is not a socket",
+          env: { DOCKER_HOST: `unix://${dir}/plain-file` },
+          want: undefined,
+        },
+        {
+          name: "a unix:// DOCKER_HOST that does not exist",
+          env: { DOCKER_HOST: `unix://${dir}/missing.sock` },
+          want: undefined,
+        },
+        {
+          name: "a tcp:// DOCKER_HOST",
+          env: { DOCKER_HOST: "tcp://127.0.0.1:2375" },
+          want: undefined,
+        },
+        { name: "an ssh:// DOCKER_HOST", env: { DOCKER_HOST: "ssh://me@host" }, want: undefined },
+        {
+          name: "DOCKER_CONTEXT naming another context",
+          env: { DOCKER_CONTEXT: "remote", DOCKER_CONFIG: `${dir}/noctx` },
+          want: undefined,
+        },
+        {
+          name: "a currentContext in config.json",
+          env: { DOCKER_CONFIG: `${dir}/ctx` },
+          want: undefined,
+        },
+        {
+          name: "the default context (the default socket if it is one)",
+          env: { DOCKER_CONFIG: `${dir}/noctx` },
+          want: defaultSocket,
+        },
+        {
+          name: "DOCKER_HOST wins over a context",
+          env: { DOCKER_HOST: `unix://${socket}`, DOCKER_CONFIG: `${dir}/ctx` },
+          want: socket,
+        },
+      ];
+      for (const c of cases) {
+        await t.step(`${c.name} gives ${c.want ?? "undefined (use the CLI)"}`, () => {
+          assertEquals(dockerSocket({ env: c.env }), c.want);
+        });
+      }
+    } finally {
+      listener.close();
+    }
   });
 });

@@ -17,7 +17,7 @@ import {
   assertNotEquals,
   assertStringIncludes,
 } from "./support/assert.ts";
-import { listDir, runCli, withTempDir, withTmpfs } from "./support/cli.ts";
+import { listDir, runCli, withTempDir, withTmpfs, writeScript } from "./support/cli.ts";
 import { requireDocker, run } from "./support/docker.ts";
 import { listFiles, mustRun } from "./support/oci.ts";
 
@@ -176,11 +176,37 @@ Deno.test("--output oci: into an existing layout adds a tag and keeps the other 
 
 Deno.test("--output load streams the image into docker and podman with no temp data", async (t) => {
   await requireDocker();
-  for (const engine of ["docker", "podman"]) {
-    await t.step(engine, async () => {
-      const tag = `imgmkr-test/load-${engine}:1`;
+  const cases = [
+    // docker's daemon takes the stream on its API socket (DOCKER_HOST here is a unix socket).
+    {
+      name: "docker, through the Engine API",
+      engine: "docker",
+      finch: false,
+      via: "Engine API at",
+    },
+    { name: "podman, through 'podman load'", engine: "podman", finch: false, via: "'podman load'" },
+    // finch is not installable here: a stand-in on PATH logs its arguments and forwards to docker.
+    {
+      name: "finch first, through 'finch load'",
+      engine: "docker",
+      finch: true,
+      via: "'finch load'",
+    },
+  ];
+  for (const c of cases) {
+    await t.step(c.name, async () => {
+      const tag = `imgmkr-test/load-${c.finch ? "finch" : c.engine}:1`;
+      const engine = c.engine;
       try {
         await withTempDir(async (tmp) => {
+          const bin = `${tmp}/bin`;
+          const env: Record<string, string> = { TMPDIR: `${tmp}/tmp` };
+          await Deno.mkdir(env.TMPDIR);
+          if (c.finch) {
+            await Deno.mkdir(bin);
+            writeScript(bin, "finch", `echo "$*" >> '${tmp}/finch.log'\nexec docker "$@"`);
+            env.PATH = `${bin}:${Deno.env.get("PATH")}`;
+          }
           const r = await runCli(
             [
               "--layer-sizes",
@@ -189,16 +215,22 @@ Deno.test("--output load streams the image into docker and podman with no temp d
               "5",
               "--output",
               "load",
-              "--builder",
-              engine,
+              ...(c.finch ? [] : ["--builder", engine]),
               "--json",
               tag,
             ],
-            { env: { TMPDIR: tmp } },
+            { env },
           );
           assertEquals(r.code, 0, r.stderr);
+          assertStringIncludes(r.stderr, c.via);
+          if (c.finch) {
+            assertEquals(Deno.readTextFileSync(`${tmp}/finch.log`).trim().split("\n"), [
+              "info",
+              "load",
+            ]);
+          }
           const summary = JSON.parse(r.stdout) as Summary;
-          assertEquals(listDir(tmp), [], "nothing written to the temp dir");
+          assertEquals(listDir(env.TMPDIR), [], "nothing written to the temp dir");
           // Engines store layers uncompressed: a load-only run makes plain tars.
           for (const l of summary.layers) {
             assertEquals(l.mediaType, "application/vnd.oci.image.layer.v1.tar");

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { buildLayer, type BuildLayerOptions, layerDescriptorMediaType } from "../lib/layer.ts";
 import { type BlobWriter, type Descriptor, MediaType } from "../lib/oci.ts";
 import { type LayerPlan, planLayers } from "../lib/plan.ts";
-import { tarSize } from "../lib/tar.ts";
+import { TAR_WORKER_MIN_BYTES, tarSize } from "../lib/tar.ts";
 
 const MiB = 1024 * 1024;
 
@@ -141,6 +141,46 @@ Deno.test("buildLayer() with knownDiffId hashes only the blob", async (t) => {
     assert.equal(again.diffId, full.diffId);
     assert.equal(again.descriptor.digest, full.diffId);
   });
+});
+
+Deno.test("buildLayer() with knownDigest hashes no blob, and skipDiffId no tar", async (t) => {
+  // Big enough for the tar to be generated (and hashed) on a Worker, and small enough to be quick.
+  const [plan] = planLayers({ sizes: [TAR_WORKER_MIN_BYTES + 3 * MiB], seed: 1 });
+  const stand = `sha256:${"0".repeat(64)}`;
+  for (const compression of ["gzip", "zstd", "none"] as const) {
+    const full = await buildLayer({ plan, seed: 1, compression });
+    await t.step(
+      `${compression}: knownDigest is returned as given, sizes still counted`,
+      async () => {
+        const again = await buildLayer({
+          plan,
+          seed: 1,
+          compression,
+          knownDigest: stand,
+          knownDiffId: compression === "none" ? undefined : full.diffId,
+        });
+        assert.equal(again.descriptor.digest, stand);
+        assert.equal(again.descriptor.size, full.descriptor.size);
+        assert.equal(again.diffId, compression === "none" ? stand : full.diffId);
+      },
+    );
+    // (Without compression the digest is the diffID: nothing is left to hash.)
+    if (compression !== "none") {
+      await t.step(`${compression}: knownDigest alone still hashes the tar`, async () => {
+        const again = await buildLayer({ plan, seed: 1, compression, knownDigest: stand });
+        assert.equal(again.diffId, full.diffId);
+      });
+    }
+    await t.step(
+      `${compression}: skipDiffId leaves the diffID empty but the digest right`,
+      async () => {
+        const again = await buildLayer({ plan, seed: 1, compression, skipDiffId: true });
+        assert.deepEqual(again.descriptor, full.descriptor);
+        // Without compression the one hash is both, so nothing is skipped.
+        assert.equal(again.diffId, compression === "none" ? full.diffId : "");
+      },
+    );
+  }
 });
 
 Deno.test("buildLayer() aborts every writer and rethrows on failure", async (t) => {

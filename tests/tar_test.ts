@@ -5,11 +5,14 @@ import type { LayerPlan } from "../lib/plan.ts";
 import {
   BLOCK_SIZE,
   MAX_USTAR_SIZE,
+  runningTarWorkers,
   tarEntries,
   tarHeader,
   tarSegments,
+  tarSegmentStream,
   tarSize,
 } from "../lib/tar.ts";
+import { createHash } from "node:crypto";
 
 /** Concatenates the whole tar of a (small) plan. */
 function tarBytes(plan: LayerPlan, seed = 1, entropy = 100): Uint8Array {
@@ -168,3 +171,78 @@ Deno.test("tarSegments() streams an entry of 8 GiB + 1 byte whose length equals 
   assert.equal(total, tarSize(plan));
   assert.match(header, new RegExp(`^\\d+ size=${size}\n`));
 });
+
+Deno.test("tarSegmentStream() gives tarSegments()' bytes and flags, inline or from a Worker", async (t) => {
+  const plans: [string, LayerPlan][] = [
+    ["one file", planLayers({ sizes: [3 * 1024 * 1024 + 17], seed: 4 })[0]],
+    [
+      "a mock fs",
+      planLayers({ sizes: [2 * 1024 * 1024], seed: 4, mockFs: true, targetFiles: 300 })[0],
+    ],
+  ];
+  for (const [name, plan] of plans) {
+    const want = [...tarSegments(plan, { seed: 4, entropy: 60 })];
+    const wantBytes = concat(want.map((s) => s.bytes));
+    const wantDigest = `sha256:${createHash("sha256").update(wantBytes).digest("hex")}`;
+    for (const workerMinBytes of [Infinity, 0]) {
+      const where = workerMinBytes === 0 ? "Worker" : "inline";
+      await t.step(
+        `${name}, ${where}: same bytes, same random flags, the tar's digest`,
+        async () => {
+          const stream = tarSegmentStream(plan, {
+            seed: 4,
+            entropy: 60,
+            hash: true,
+            workerMinBytes,
+          });
+          const got = [];
+          for await (const seg of stream) got.push(seg);
+          assert.deepEqual(concat(got.map((s) => s.bytes)), wantBytes);
+          // Random runs, byte by byte, are what the gzip encoder stores: they must match too.
+          assert.deepEqual(flagRuns(got), flagRuns(want));
+          assert.equal(stream.digest(), wantDigest);
+        },
+      );
+    }
+  }
+  await t.step("stopping early stops the Worker; digest() then throws", async () => {
+    const [plan] = planLayers({ sizes: [64 * 1024 * 1024], seed: 4 });
+    const stream = tarSegmentStream(plan, { seed: 4, hash: true, workerMinBytes: 0 });
+    let read = 0;
+    for await (const seg of stream) {
+      assert.equal(runningTarWorkers(), 1);
+      read += seg.bytes.length;
+      if (read > 2 * 1024 * 1024) break;
+    }
+    assert.equal(runningTarWorkers(), 0);
+    assert.throws(() => stream.digest(), TypeError);
+  });
+  await t.step("digest() without hash: true is a TypeError", async () => {
+    const [plan] = planLayers({ sizes: [1024], seed: 4 });
+    const stream = tarSegmentStream(plan, { seed: 4 });
+    for await (const _ of stream) { /* read it all */ }
+    assert.throws(() => stream.digest(), TypeError);
+  });
+});
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/** Lengths of the runs of equal `random` flags, byte-weighted. */
+function flagRuns(segs: { bytes: Uint8Array; random: boolean }[]): [boolean, number][] {
+  const runs: [boolean, number][] = [];
+  for (const s of segs) {
+    if (s.bytes.length === 0) continue;
+    const last = runs.at(-1);
+    if (last && last[0] === s.random) last[1] += s.bytes.length;
+    else runs.push([s.random, s.bytes.length]);
+  }
+  return runs;
+}
