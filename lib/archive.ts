@@ -373,6 +373,7 @@ class OciArchiveSink implements ImageSink {
       this.#tail.release();
     };
     const writer: BlobWriter = {
+      retainsChunks: false, // a file write, complete when it settles
       write: async (chunk) => {
         if (ended) throw new TypeError(`${this.name}: write() after commit() or abort()`);
         check.update(chunk);
@@ -438,6 +439,7 @@ class OciArchiveSink implements ImageSink {
     };
     this.#spools.set(path, drop);
     const writer: BlobWriter = {
+      retainsChunks: false, // a file write, complete when it settles
       write: async (chunk) => {
         if (ended) throw new TypeError(`${this.name}: write() after commit() or abort()`);
         check.update(chunk);

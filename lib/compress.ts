@@ -14,7 +14,6 @@
  */
 
 import { Buffer } from "node:buffer";
-import { Readable } from "node:stream";
 import * as zlib from "node:zlib";
 import type { Segment } from "./content.ts";
 import type { Compression } from "./oci.ts";
@@ -39,10 +38,17 @@ const FINAL_BLOCK = new Uint8Array([1, 0, 0, 0xff, 0xff]);
 const INLINE_BYTES = 4 * 1024 * 1024;
 /** Output chunks smaller than this are merged, so tar headers never become tiny writes. */
 export const MIN_CHUNK_SIZE = 256 * 1024;
+/** zstd's output chunk size: as big as the chunks writers get, so none is merged (copied). */
+const ZSTD_CHUNK_SIZE = MIN_CHUNK_SIZE;
 /** zlib's output buffer per call: each becomes garbage, so small (zlib's default is 16 KiB). */
 const DEFLATE_CHUNK_SIZE = 4096;
-/** Most spare job buffers kept: one per job in flight is plenty. */
-const MAX_FREE_BUFFERS = 16;
+/** Most spare job (or output) buffers kept: one per job in flight is plenty. */
+const MAX_FREE_BUFFERS = 8;
+/**
+ * Bytes of a new output buffer: a whole job of random bytes as stored blocks
+ * fits with room to spare, so a released buffer fits the next job's output.
+ */
+const OUT_CAPACITY = GZIP_JOB_SIZE + 64 * 1024;
 /** Jobs queued per Worker: enough to keep it busy while the main thread hashes and writes. */
 const JOBS_PER_WORKER = 2;
 /** Most Workers used by default: beyond that the calling thread (fill, SHA-256) is the bottleneck. */
@@ -68,6 +74,17 @@ export interface CompressorOptions {
   workers?: number;
 }
 
+/** Options for {@linkcode Compressor.compress}. */
+export interface CompressOptions {
+  /**
+   * Called with a segment's bytes once the compressor no longer reads them
+   * (they were copied or consumed), so the source can reuse the buffer. Never
+   * called for bytes that become output (no compression).
+   * @default {undefined}
+   */
+  release?: (bytes: Uint8Array) => void;
+}
+
 /** Turns a tar segment stream into compressed chunks. */
 export interface Compressor {
   /** The compression. */
@@ -75,11 +92,20 @@ export interface Compressor {
   /** The level in use (0 for `none`). */
   readonly level: number;
   /**
+   * Hands back a chunk this compressor yielded once nothing reads it any
+   * more, so its buffer is reused for later output instead of becoming
+   * garbage. Optional; a chunk of another origin is ignored.
+   */
+  release(chunk: Uint8Array): void;
+  /**
    * Compresses `source`. The compressor takes ownership of the segments'
    * bytes (it may transfer them to a Worker); the chunks it yields are the
    * caller's. Stopping the iteration early releases every resource.
    */
-  compress(source: Iterable<Segment> | AsyncIterable<Segment>): AsyncGenerator<Uint8Array>;
+  compress(
+    source: Iterable<Segment> | AsyncIterable<Segment>,
+    options?: CompressOptions,
+  ): AsyncGenerator<Uint8Array>;
 }
 
 /**
@@ -96,18 +122,37 @@ export function createCompressor(options: CompressorOptions = {}): Compressor {
   }
   switch (compression) {
     case "none":
-      return { compression, level: 0, compress: (src) => coalesce(passThrough(src)) };
+      return {
+        compression,
+        level: 0,
+        release: () => {},
+        compress: (src) => coalesce(passThrough(src)),
+      };
     case "gzip": {
       const level = checkLevel(compression, options.level ?? DEFAULT_GZIP_LEVEL, 0, 9);
+      const freeOut: ArrayBuffer[] = [];
       return {
         compression,
         level,
-        compress: (src) => coalesce(gzipStream(src, level, workers)),
+        release: (chunk) => {
+          if (
+            chunk.byteOffset === 0 && chunk.buffer.byteLength === OUT_CAPACITY &&
+            freeOut.length < MAX_FREE_BUFFERS
+          ) {
+            freeOut.push(chunk.buffer as ArrayBuffer);
+          }
+        },
+        compress: (src, opts) => coalesce(gzipStream(src, level, workers, freeOut, opts?.release)),
       };
     }
     case "zstd": {
       const level = checkLevel(compression, options.level ?? DEFAULT_ZSTD_LEVEL, 1, MAX_ZSTD_LEVEL);
-      return { compression, level, compress: (src) => coalesce(zstdStream(src, level)) };
+      return {
+        compression,
+        level,
+        release: () => {},
+        compress: (src, opts) => coalesce(zstdStream(src, level, opts?.release)),
+      };
     }
     default:
       throw new RangeError(
@@ -155,27 +200,44 @@ async function* passThrough(
 async function* zstdStream(
   source: Iterable<Segment> | AsyncIterable<Segment>,
   level: number,
+  release: ((bytes: Uint8Array) => void) | undefined,
 ): AsyncGenerator<Uint8Array> {
-  async function* bytes() {
-    for await (const seg of source) {
-      if (seg.bytes.length > 0) {
-        yield Buffer.from(seg.bytes.buffer, seg.bytes.byteOffset, seg.bytes.length);
-      }
-    }
-  }
   const z = zlib.createZstdCompress({
     params: { [zlib.constants.ZSTD_c_compressionLevel]: level },
+    chunkSize: ZSTD_CHUNK_SIZE,
   });
-  const input = Readable.from(bytes(), { objectMode: false });
-  input.on("error", (err) => z.destroy(err));
-  input.pipe(z);
+  const drained = () =>
+    new Promise<void>((resolve) => {
+      const done = () => {
+        z.off("drain", done);
+        z.off("close", done);
+        resolve();
+      };
+      z.on("drain", done);
+      z.on("close", done);
+    });
+  // Feeds the encoder with backpressure; a segment goes back to the source once zstd has
+  // consumed it. Breaking out (the encoder was destroyed) closes the source.
+  const feed = (async () => {
+    for await (const seg of source) {
+      if (z.destroyed) break;
+      if (seg.bytes.length === 0) continue;
+      const buf = Buffer.from(seg.bytes.buffer, seg.bytes.byteOffset, seg.bytes.length);
+      const more = z.write(buf, (err) => {
+        if (!err) release?.(seg.bytes);
+      });
+      if (!more) await drained();
+    }
+    if (!z.destroyed) z.end();
+  })();
+  feed.catch((err) => z.destroy(err));
   try {
     for await (const chunk of z) {
       const b = chunk as Buffer;
       yield new Uint8Array(b.buffer, b.byteOffset, b.length);
     }
+    await feed;
   } finally {
-    input.destroy();
     z.destroy();
   }
 }
@@ -193,9 +255,10 @@ export interface GzipJob {
 /**
  * Encodes one job as a byte-aligned piece of a deflate stream with no final
  * block and no reference outside itself. Pure: the same job gives the same
- * bytes on any thread.
+ * bytes on any thread. The output goes at the start of `into` when it fits,
+ * else into a new buffer of at least {@linkcode OUT_CAPACITY} bytes.
  */
-export function encodeGzipJob(job: GzipJob): Uint8Array {
+export function encodeGzipJob(job: GzipJob, into?: ArrayBuffer): Uint8Array {
   // Deflate first (small outputs), then write everything into one exact buffer:
   // no per-run garbage piles up in a Worker, whose GC rarely runs.
   const pieces: (Uint8Array | number)[] = [];
@@ -217,7 +280,10 @@ export function encodeGzipJob(job: GzipJob): Uint8Array {
     }
     consumed += len;
   }
-  const out = new Uint8Array(total);
+  const buffer = into && into.byteLength >= total
+    ? into
+    : new ArrayBuffer(Math.max(total, OUT_CAPACITY));
+  const out = new Uint8Array(buffer, 0, total);
   let inOff = 0;
   let o = 0;
   for (let i = 0; i < pieces.length; i++) {
@@ -354,14 +420,15 @@ class WorkerPool {
     }
   }
 
-  /** Encodes a job on a Worker; its buffer is transferred. */
-  run(job: GzipJob): Promise<Uint8Array> {
+  /** Encodes a job on a Worker, into `spare` if it fits; both buffers are transferred. */
+  run(job: GzipJob, spare?: ArrayBuffer): Promise<Uint8Array> {
     if (this.#failed) return Promise.reject(this.#failed);
     const w = this.#workers.reduce((a, b) => (b.pending.size < a.pending.size ? b : a));
     const id = this.#nextId++;
     const p = Promise.withResolvers<Uint8Array>();
     w.pending.set(id, p);
-    w.worker.postMessage({ id, job }, [job.data.buffer as ArrayBuffer]);
+    const transfer = [job.data.buffer as ArrayBuffer, ...(spare ? [spare] : [])];
+    w.worker.postMessage({ id, job, spare }, transfer);
     return p.promise;
   }
 
@@ -376,6 +443,8 @@ async function* gzipStream(
   source: Iterable<Segment> | AsyncIterable<Segment>,
   level: number,
   workerCount: number,
+  freeOut: ArrayBuffer[],
+  release: ((bytes: Uint8Array) => void) | undefined,
 ): AsyncGenerator<Uint8Array> {
   const builder = new JobBuilder(level);
   // Encoded jobs (inline) or pending ones (on a Worker), in stream order.
@@ -390,18 +459,20 @@ async function* gzipStream(
       pool = new WorkerPool(workerCount, (b) => builder.recycle(b));
     }
     if (pool) {
-      const p = pool.run(job);
+      const p = pool.run(job, freeOut.pop());
       p.catch(() => {}); // awaited in order below; never an unhandled rejection meanwhile
       queue.push(p);
     } else {
-      queue.push(encodeGzipJob(job));
+      queue.push(encodeGzipJob(job, freeOut.pop()));
     }
   };
   const limit = Math.max(1, workerCount) * JOBS_PER_WORKER;
   try {
     yield GZIP_HEADER.slice();
     for await (const seg of source) {
-      for (const job of builder.add(seg)) submit(job);
+      const jobs = builder.add(seg);
+      release?.(seg.bytes); // copied into the job buffers
+      for (const job of jobs) submit(job);
       while (queue.length >= limit || queue[0] instanceof Uint8Array) yield await queue.shift()!;
     }
     const last = builder.take();

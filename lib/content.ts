@@ -113,6 +113,12 @@ export interface ContentOptions {
    * @default {DEFAULT_CHUNK_SIZE}
    */
   chunkSize?: number;
+  /**
+   * Makes each segment's buffer, which is then overwritten completely (e.g.
+   * from a pool of recycled buffers).
+   * @default {(n) => new Uint8Array(n)}
+   */
+  alloc?: (length: number) => Uint8Array;
 }
 
 function patternFor(seed: number, key: string): Uint8Array {
@@ -132,13 +138,14 @@ function patternFor(seed: number, key: string): Uint8Array {
 export function* fileSegments(size: number, options: ContentOptions): Generator<Segment> {
   const entropy = options.entropy ?? 100;
   const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
+  const alloc = options.alloc ?? ((n: number) => new Uint8Array(n));
   if (!(entropy >= 0 && entropy <= 100)) {
     throw new RangeError(`entropy must be 0-100, got ${entropy}`);
   }
   const rng = new Xorshift128(options.seed, options.key);
   if (entropy === 100) {
     for (let off = 0; off < size; off += chunkSize) {
-      const bytes = new Uint8Array(Math.min(chunkSize, size - off));
+      const bytes = alloc(Math.min(chunkSize, size - off));
       rng.fill(bytes);
       yield { bytes, random: true };
     }
@@ -152,7 +159,7 @@ export function* fileSegments(size: number, options: ContentOptions): Generator<
     const random = inUnit < randomPerUnit;
     const runEnd = Math.min(size, off - inUnit + (random ? randomPerUnit : ENTROPY_UNIT));
     const len = Math.min(runEnd - off, chunkSize);
-    const bytes = new Uint8Array(len);
+    const bytes = alloc(len);
     if (random) {
       rng.fill(bytes);
     } else {

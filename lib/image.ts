@@ -658,6 +658,7 @@ async function pushLayers(
 /** A view of `writer` whose commit does nothing, for a producer whose caller commits. */
 function uncommitted(writer: BlobWriter): BlobWriter {
   return {
+    retainsChunks: writer.retainsChunks,
     write: (chunk) => writer.write(chunk),
     commit: () => Promise.resolve(),
     abort: () => writer.abort(),

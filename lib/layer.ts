@@ -7,7 +7,7 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
+import { createHash, type Hash } from "node:crypto";
 import type { Segment } from "./content.ts";
 import { createCompressor } from "./compress.ts";
 import {
@@ -113,26 +113,39 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
       level: options.compressionLevel,
       workers: options.workers,
     });
-    // Without compression the blob is the tar: hash it once.
     // Without compression the blob is the tar: one hash (or none) serves as digest and diffID.
     const none = compression === "none";
     const known = none ? options.knownDigest : options.knownDiffId;
     const skipTarHash = known !== undefined || (!none && options.skipDiffId === true);
     const blobHash = none || options.knownDigest !== undefined ? undefined : createHash("sha256");
+    // Big tars are generated on a Worker. Where the tar is hashed balances the two threads: a
+    // compressed layer's tar on the Worker (this thread hashes the blob), a plain tar here.
+    const hashHere = none && !skipTarHash && !Deno.env.get("X_W")
+      ? createHash("sha256")
+      : undefined;
+    const stream = tarSegmentStream(plan, {
+      seed,
+      entropy,
+      hash: (!none || !!Deno.env.get("X_W")) && !skipTarHash,
+    });
     const tar: TarCount = { bytes: 0 };
     let reported = 0;
-    // Big tars are generated (and hashed) on a Worker: this thread compresses, hashes the blob
-    // and writes.
-    const stream = tarSegmentStream(plan, { seed, entropy, hash: !skipTarHash });
-    const source = countedTar(stream, tar, signal);
+    const source = countedTar(stream, tar, hashHere, signal);
     let size = 0;
-    for await (const chunk of compressor.compress(source)) {
+    // A chunk no writer holds on to once written goes back to where it came from (the gzip
+    // encoder, or for a plain tar the generator), so buffers are reused, not collected.
+    const reusable = writers.every((w) => w.retainsChunks === false);
+    const release = none ? stream.release : compressor.release;
+    let previous: Uint8Array | undefined;
+    for await (const chunk of compressor.compress(source, { release: stream.release })) {
       signal?.throwIfAborted();
       blobHash?.update(chunk);
       size += chunk.length;
       // One write in flight while the next chunk is made: generation overlaps a
       // blocking disk or network write, and memory stays at one chunk.
       await writing;
+      if (reusable && previous) release(previous);
+      previous = chunk;
       writing = writeAll(writers, chunk);
       writing.catch(() => {}); // awaited before the next write or in the catch below
       if (onProgress && tar.bytes - reported >= PROGRESS_STEP) {
@@ -145,7 +158,11 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
     if (tar.bytes !== expected) {
       throw new Error(`tar of layer ${plan.index} is ${tar.bytes} bytes, planned ${expected}`);
     }
-    const diffId = skipTarHash ? known ?? "" : stream.digest();
+    const diffId = skipTarHash
+      ? known ?? ""
+      : hashHere
+      ? `sha256:${hashHere.digest("hex")}`
+      : stream.digest();
     const digest = blobHash
       ? `sha256:${blobHash.digest("hex")}`
       : none
@@ -174,14 +191,16 @@ interface TarCount {
   bytes: number;
 }
 
-/** Counts tar segments before the compressor takes them, checking the signal. */
+/** Counts (and hashes, if `hash` is given) tar segments before the compressor takes them, checking the signal. */
 async function* countedTar(
   segments: AsyncIterable<Segment>,
   count: TarCount,
+  hash: Hash | undefined,
   signal: AbortSignal | undefined,
 ): AsyncGenerator<Segment> {
   for await (const seg of segments) {
     signal?.throwIfAborted();
+    hash?.update(seg.bytes);
     count.bytes += seg.bytes.length;
     yield seg;
   }

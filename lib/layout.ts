@@ -250,6 +250,8 @@ interface LayoutBlobWriterState {
 
 /** Streams one blob into a temp file, then verifies and renames it. */
 class LayoutBlobWriter implements BlobWriter {
+  /** File writes are complete when they settle. */
+  readonly retainsChunks = false;
   #s: LayoutBlobWriterState;
   #check: BlobCheck;
   #closed = false;

@@ -153,10 +153,17 @@ export interface ImageRecord {
 /** Streaming writer of one blob whose digest is only known at the end. */
 export interface BlobWriter {
   /**
-   * Appends bytes. The writer may keep `chunk` after the promise settles
-   * (e.g. an HTTP client still sending it): callers must not modify it.
+   * Appends bytes. Unless {@linkcode retainsChunks} is `false`, the writer
+   * may keep `chunk` after the promise settles (e.g. an HTTP client still
+   * sending it): callers must not modify or reuse it.
    */
   write(chunk: Uint8Array): Promise<void>;
+  /**
+   * `false` when the writer is done with a chunk once its write() settled
+   * (a file write), so the caller may reuse the buffer.
+   * @default {undefined (treated as true)}
+   */
+  readonly retainsChunks?: boolean;
   /** Finishes the blob, which must match `desc` (digest and size computed while writing). */
   commit(desc: Descriptor): Promise<void>;
   /** Drops the partial blob. Safe to call after a failure, and more than once. */

@@ -11,7 +11,7 @@
  */
 
 import { createHash, type Hash } from "node:crypto";
-import { fileSegments, type Segment } from "./content.ts";
+import { DEFAULT_CHUNK_SIZE, fileSegments, type Segment } from "./content.ts";
 import { compareBytes, type LayerPlan } from "./plan.ts";
 
 /** Tar block size: headers and data are padded to whole blocks. */
@@ -160,6 +160,11 @@ export interface TarOptions {
    * @default {100}
    */
   entropy?: number;
+  /**
+   * Makes the buffers of file data (see `ContentOptions.alloc` in content.ts).
+   * @default {(n) => new Uint8Array(n)}
+   */
+  alloc?: (length: number) => Uint8Array;
 }
 
 /**
@@ -174,7 +179,7 @@ export function* tarSegments(plan: LayerPlan, options: TarOptions): Generator<Se
     yield { bytes: tarHeader(entry), random: false };
     if (entry.type === "dir") continue;
     const key = keys.get(entry.path)!;
-    yield* fileSegments(entry.size, { seed: options.seed, key, entropy });
+    yield* fileSegments(entry.size, { seed: options.seed, key, entropy, alloc: options.alloc });
     const pad = padded(entry.size) - entry.size;
     if (pad > 0) yield { bytes: new Uint8Array(pad), random: false };
   }
@@ -187,6 +192,8 @@ export const TAR_WORKER_MIN_BYTES = 8 * 1024 * 1024;
 export const TAR_BATCH_BYTES = 1024 * 1024;
 /** Batches the Worker may run ahead of the consumer: memory stays at about this many × 1 MiB. */
 const TAR_BATCHES_AHEAD = 4;
+/** Most released buffers waiting to go back to the Worker: enough for the batches ahead. */
+const TAR_SPARE_BUFFERS = 8;
 
 /** Options for {@linkcode tarSegmentStream}. */
 export interface TarStreamOptions extends TarOptions {
@@ -216,6 +223,12 @@ export interface TarWorkerReply {
 /** The tar of a plan as segments, and once they have all been read, its digest. */
 export interface TarStream extends AsyncIterable<Segment> {
   /**
+   * Hands a segment's buffer back once nothing uses it any more, so the
+   * generator refills it instead of allocating (and the garbage collector
+   * never sees it). Optional: a buffer not handed back is simply dropped.
+   */
+  release(bytes: Uint8Array): void;
+  /**
    * `sha256:` of every byte yielded, with `hash: true`.
    * @throws {TypeError} before the last segment was read, or without `hash: true`.
    */
@@ -236,6 +249,7 @@ function maybeHash(hash: boolean | undefined): Hash | undefined {
 export function tarSegmentStream(plan: LayerPlan, options: TarStreamOptions): TarStream {
   let digest: string | undefined;
   const inline = tarSize(plan) < (options.workerMinBytes ?? TAR_WORKER_MIN_BYTES);
+  const released: ArrayBuffer[] = [];
   async function* segments(): AsyncGenerator<Segment> {
     if (inline) {
       const hash = maybeHash(options.hash);
@@ -246,10 +260,19 @@ export function tarSegmentStream(plan: LayerPlan, options: TarStreamOptions): Ta
       digest = hash ? `sha256:${hash.digest("hex")}` : "";
       return;
     }
-    yield* workerSegments(plan, options, (d) => digest = d);
+    yield* workerSegments(plan, options, released, (d) => digest = d);
   }
   return {
     [Symbol.asyncIterator]: segments,
+    release(bytes) {
+      // Only whole chunk buffers are worth reusing; the Worker gets them with its next request.
+      if (
+        !inline && bytes.byteOffset === 0 && bytes.buffer.byteLength === DEFAULT_CHUNK_SIZE &&
+        bytes.byteLength === DEFAULT_CHUNK_SIZE && released.length < TAR_SPARE_BUFFERS
+      ) {
+        released.push(bytes.buffer as ArrayBuffer);
+      }
+    },
     digest() {
       if (!options.hash) throw new TypeError("tarSegmentStream: digest() needs hash: true");
       if (digest === undefined) {
@@ -270,6 +293,7 @@ export function runningTarWorkers(): number {
 async function* workerSegments(
   plan: LayerPlan,
   options: TarStreamOptions,
+  released: ArrayBuffer[],
   onDigest: (digest: string) => void,
 ): AsyncGenerator<Segment> {
   const worker = new Worker(new URL("./tar_worker.ts", import.meta.url), { type: "module" });
@@ -298,7 +322,11 @@ async function* workerSegments(
       wake = undefined;
       const reply = replies.shift()!;
       if (reply.error !== undefined) throw new Error(`tar generator failed: ${reply.error}`);
-      if (reply.done === undefined) worker.postMessage("more"); // one taken, one more may be made
+      if (reply.done === undefined) {
+        // One taken, one more may be made, into the buffers handed back meanwhile.
+        for (const buffer of released.splice(0)) worker.postMessage(buffer, [buffer]);
+        worker.postMessage("more");
+      }
       yield* reply.batch!;
       if (reply.done !== undefined) {
         onDigest(reply.done);

@@ -9,23 +9,41 @@
 /// <reference lib="deno.worker" />
 
 import { createHash, type Hash } from "node:crypto";
-import type { Segment } from "./content.ts";
+import { DEFAULT_CHUNK_SIZE, type Segment } from "./content.ts";
 import type { LayerPlan } from "./plan.ts";
 import { TAR_BATCH_BYTES, tarSegments, type TarWorkerReply } from "./tar.ts";
+
+/** The request that starts the generation. */
+interface Start {
+  plan: LayerPlan;
+  seed: number;
+  entropy: number;
+  hash: boolean;
+  ahead: number;
+}
 
 let segments: Generator<Segment> | undefined;
 let hash: Hash | undefined;
 let credit = 0;
+/** Buffers handed back, refilled before any new one is allocated. */
+const spare: ArrayBuffer[] = [];
 
-self.onmessage = (
-  e: MessageEvent<
-    "more" | { plan: LayerPlan; seed: number; entropy: number; hash: boolean; ahead: number }
-  >,
-) => {
+function alloc(length: number): Uint8Array {
+  const reused = spare.length > 0 && length === DEFAULT_CHUNK_SIZE ? spare.pop() : undefined;
+  return reused ? new Uint8Array(reused) : new Uint8Array(length);
+}
+
+// "more" asks for one more batch; an ArrayBuffer is one the consumer is done with. (Plain
+// messages: object messages to a Worker made its memory grow by some 100 MB, measured.)
+self.onmessage = (e: MessageEvent<Start | "more" | ArrayBuffer>) => {
   if (e.data === "more") {
     credit++;
+  } else if (e.data instanceof ArrayBuffer) {
+    spare.push(e.data);
+    return;
   } else {
-    segments = tarSegments(e.data.plan, { seed: e.data.seed, entropy: e.data.entropy });
+    const { plan, seed, entropy } = e.data;
+    segments = tarSegments(plan, { seed, entropy, alloc });
     hash = e.data.hash ? createHash("sha256") : undefined;
     credit = e.data.ahead;
   }

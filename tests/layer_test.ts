@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { buildLayer, type BuildLayerOptions, layerDescriptorMediaType } from "../lib/layer.ts";
 import { type BlobWriter, type Descriptor, MediaType } from "../lib/oci.ts";
 import { type LayerPlan, planLayers } from "../lib/plan.ts";
@@ -250,4 +251,29 @@ Deno.test("layerDescriptorMediaType() names the OCI layer media types", () => {
   assert.equal(layerDescriptorMediaType("gzip"), MediaType.LayerGzip);
   assert.equal(layerDescriptorMediaType("zstd"), MediaType.LayerZstd);
   assert.equal(layerDescriptorMediaType("none"), MediaType.Layer);
+});
+
+Deno.test("buildLayer() reuses buffers only with writers done with them, and the files stay right", async (t) => {
+  const [plan] = planLayers({ sizes: [TAR_WORKER_MIN_BYTES + 20 * MiB + 3], seed: 2 });
+  for (const compression of ["gzip", "none", "zstd"] as const) {
+    await t.step(
+      `${compression}: each written file has the digest buildLayer reports`,
+      async () => {
+        await withTempDir(async (dir) => {
+          // retainsChunks false: written chunks go back for reuse; undefined: they never do.
+          const reusing = Object.assign(new FileWriter(`${dir}/reusing`), { retainsChunks: false });
+          const plain = new FileWriter(`${dir}/plain`);
+          for (const writers of [[reusing], [plain]]) {
+            const r = await buildLayer({ plan, seed: 2, entropy: 80, compression, writers });
+            const file = await Deno.readFile(writers[0].path);
+            assert.equal(
+              `sha256:${createHash("sha256").update(file).digest("hex")}`,
+              r.descriptor.digest,
+            );
+            assert.equal(file.length, r.descriptor.size);
+          }
+        });
+      },
+    );
+  }
 });

@@ -246,3 +246,23 @@ function flagRuns(segs: { bytes: Uint8Array; random: boolean }[]): [boolean, num
   }
   return runs;
 }
+
+Deno.test("tarSegmentStream() refills released buffers without changing the tar", async () => {
+  const [plan] = planLayers({ sizes: [40 * 1024 * 1024 + 5], seed: 6 });
+  const want = createHash("sha256");
+  // Fully random: whole 1 MiB chunks, the buffers that are reused (pattern runs are smaller).
+  for (const seg of tarSegments(plan, { seed: 6 })) want.update(seg.bytes);
+  const stream = tarSegmentStream(plan, { seed: 6, hash: true, workerMinBytes: 0 });
+  const got = createHash("sha256");
+  let handedBack = 0;
+  for await (const seg of stream) {
+    got.update(seg.bytes);
+    // Released at once and refilled by the Worker while later segments are read.
+    if (seg.bytes.byteLength === 1024 * 1024) handedBack++;
+    stream.release(seg.bytes);
+  }
+  const digest = `sha256:${want.digest("hex")}`;
+  assert.equal(`sha256:${got.digest("hex")}`, digest);
+  assert.equal(stream.digest(), digest);
+  assert(handedBack > 30, `only ${handedBack} whole-chunk segments`);
+});
