@@ -4,6 +4,7 @@ import type { Segment } from "../lib/content.ts";
 import { type CompressorOptions, createCompressor, GZIP_JOB_SIZE } from "../lib/compress.ts";
 import { planLayers } from "../lib/plan.ts";
 import { tarSegments, tarSize } from "../lib/tar.ts";
+import { concat } from "./support/bytes.ts";
 
 const MiB = 1024 * 1024;
 
@@ -11,16 +12,6 @@ const MiB = 1024 * 1024;
 function tar(size: number, entropy: number, seed = 1): Segment[] {
   const plan = planLayers({ sizes: [size], seed })[0];
   return [...tarSegments(plan, { seed, entropy })];
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  let o = 0;
-  for (const c of chunks) {
-    out.set(c, o);
-    o += c.length;
-  }
-  return out;
 }
 
 /** Input bytes of segments, copied before the compressor may take them. */

@@ -13,17 +13,11 @@ import {
   tarSize,
 } from "../lib/tar.ts";
 import { createHash } from "node:crypto";
+import { concat } from "./support/bytes.ts";
 
 /** Concatenates the whole tar of a (small) plan. */
 function tarBytes(plan: LayerPlan, seed = 1, entropy = 100): Uint8Array {
-  const segs = [...tarSegments(plan, { seed, entropy })];
-  const out = new Uint8Array(segs.reduce((n, s) => n + s.bytes.length, 0));
-  let o = 0;
-  for (const s of segs) {
-    out.set(s.bytes, o);
-    o += s.bytes.length;
-  }
-  return out;
+  return concat([...tarSegments(plan, { seed, entropy })].map((s) => s.bytes));
 }
 
 /** A plan with one deep directory chain, so paths exceed the 100-byte name field. */
@@ -224,16 +218,6 @@ Deno.test("tarSegmentStream() gives tarSegments()' bytes and flags, inline or fr
     assert.throws(() => stream.digest(), TypeError);
   });
 });
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-}
 
 /** Lengths of the runs of equal `random` flags, byte-weighted. */
 function flagRuns(segs: { bytes: Uint8Array; random: boolean }[]): [boolean, number][] {
