@@ -274,11 +274,18 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     });
     const entries = [...distinct.entries()];
     const totalBytes = entries.reduce((s, [, v]) => s + v.plan.size, 0);
+    // Only a registry: each layer is pushed as soon as its digest is known, while others are
+    // still being hashed.
+    const pushNow = registryOnly ? sinks.registry : undefined;
     progress.stage(
       `Building ${entries.length} layer${entries.length === 1 ? "" : "s"} (${
         formatSize(totalBytes)
       }, ${compression})` +
-        (mainSinks.length ? ` into ${mainSinks.map((s) => s.name).join(", ")}` : ", hashing only"),
+        (mainSinks.length
+          ? ` into ${mainSinks.map((s) => s.name).join(", ")}`
+          : pushNow
+          ? `, each hashed for its HEAD, then pushed to ${pushNow.name}`
+          : ", hashing only"),
     );
     let t = performance.now();
     const results = new Map<string, LayerResult>();
@@ -293,62 +300,45 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
       };
       // Only a hash-only pass can be skipped: any other pass writes the layer somewhere.
       const cached = mainSinks.length === 0 ? await options.cache?.get(cacheInput) : undefined;
+      let r: LayerResult;
       if (cached) {
         progress.info(`${label}: ${cached.descriptor.digest.slice(0, 19)} from the layer cache`);
-        results.set(key, cached);
         fromCache.add(key);
-        return;
+        r = cached;
+      } else {
+        const size = compression === "none" ? tarSize(plan) : undefined;
+        // buildLayer hashes exactly the bytes it writes: the sinks need not hash them again.
+        const writers = await Promise.all(
+          mainSinks.map((s) =>
+            s.createBlob({ mediaType: layerMediaType(compression), size, verify: false })
+          ),
+        );
+        const task = progress.task(
+          `${label} (${plural(plan.files.length, "file")})`,
+          tarSize(plan),
+        );
+        r = await buildLayer({
+          plan,
+          seed: options.seed,
+          entropy: options.entropy,
+          compression,
+          compressionLevel: options.compressionLevel,
+          writers,
+          // Before a HEAD only the blob digest counts; the upload pass computes the diffID.
+          skipDiffId: pushNow !== undefined,
+          signal: sig,
+          onProgress: fileProgress(task),
+        });
+        task.done(r.descriptor.digest.slice(0, 19));
       }
-      const size = compression === "none" ? tarSize(plan) : undefined;
-      // buildLayer hashes exactly the bytes it writes: the sinks need not hash them again.
-      const writers = await Promise.all(
-        mainSinks.map((s) =>
-          s.createBlob({ mediaType: layerMediaType(compression), size, verify: false })
-        ),
-      );
-      const task = progress.task(`${label} (${plural(plan.files.length, "file")})`, tarSize(plan));
-      const r = await buildLayer({
-        plan,
-        seed: options.seed,
-        entropy: options.entropy,
-        compression,
-        compressionLevel: options.compressionLevel,
-        writers,
-        skipDiffId: registryOnly,
-        signal: sig,
-        onProgress: fileProgress(task),
-      });
-      task.done(r.descriptor.digest.slice(0, 19));
+      if (pushNow) {
+        const entry = { key, plan, label, result: r, cached: cached !== undefined };
+        r = (await pushLayer(pushNow, entry, options, compression, sig)).result;
+      }
       results.set(key, r);
-      if (r.diffId) await options.cache?.put(cacheInput, r);
+      if (!cached) await options.cache?.put(cacheInput, r);
     }, { limit: options.maxConcurrent ?? 5, signal });
     lap("layers", t);
-
-    // The registry's layers come first when they complete the diffIDs the configs need.
-    const pushEntries = () =>
-      entries.map(([key, v]) => ({
-        ...v,
-        key,
-        result: results.get(key)!,
-        cached: fromCache.has(key),
-      }));
-    let layersPushed = false;
-    if (sinks.registry && registryOnly) {
-      t = performance.now();
-      for (const done of await pushLayers(sinks.registry, pushEntries(), options, compression)) {
-        if (results.get(done.key)!.diffId) continue;
-        results.set(done.key, done.result);
-        await options.cache?.put({
-          plan: done.plan,
-          seed: options.seed,
-          entropy: options.entropy ?? 100,
-          compression,
-          level: options.compressionLevel,
-        }, done.result);
-      }
-      layersPushed = true;
-      lap("push", t);
-    }
 
     // 2. Configs, manifests, index; then each local output is committed (tagged) last.
     const images: BuiltImage[] = options.platforms.map((platform, p) => {
@@ -387,11 +377,23 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     // 4. The registry: HEAD each blob, upload what is missing (regenerated from the seed), then manifests.
     if (sinks.registry) {
       t = performance.now();
-      if (!layersPushed) await pushLayers(sinks.registry, pushEntries(), options, compression);
+      if (!pushNow) {
+        const layers = entries.map(([key, v]) => ({
+          ...v,
+          key,
+          result: results.get(key)!,
+          cached: fromCache.has(key),
+        }));
+        await mapConcurrent(
+          layers,
+          (entry, _i, sig) => pushLayer(sinks.registry!, entry, options, compression, sig),
+          { limit: options.maxConcurrent ?? 5, signal: options.signal },
+        );
+      }
       await writeMetadata(sinks.registry, record);
       await sinks.registry.commit(record);
       progress.stage(`Pushed ${sinks.registry.digestReference ?? options.reference.name}`);
-      timings.push = round((timings.push ?? 0) + (performance.now() - t) / 1000);
+      lap("push", t);
     }
     timings.total = round((performance.now() - started) / 1000);
     return summarize(options, record, timings, sinks.registry, onlyLoad);
@@ -570,89 +572,88 @@ interface PushEntry {
 }
 
 /**
- * HEADs each layer and uploads the missing ones. A streamed upload that
+ * HEADs a layer and uploads it if missing. A streamed upload that
  * breaks is regenerated from the seed and sent again (with backoff and
  * `Retry-After`) by {@linkcode pushBlobWithRetry}, which also checks that
  * every attempt has the digest of the first pass. A diffID the first pass
  * left out is computed by the upload pass, or for a blob the registry
  * already has, by a pass over the tar alone.
  *
- * @returns each layer with its complete result.
+ * @returns the layer with its complete result.
  */
-async function pushLayers(
+async function pushLayer(
   sink: RegistrySink,
-  layers: PushEntry[],
+  entry: PushEntry,
   options: NativeOptions,
   compression: Compression,
-): Promise<PushEntry[]> {
-  return await mapConcurrent(layers, async (entry, _i, sig) => {
-    const { plan, label, result, cached } = entry;
-    let diffId = result.diffId;
-    const pushed = pushBlobWithRetry(sink, async (writer) => {
-      const task = options.progress.task(`push ${label}`, tarSize(plan));
-      const built = await buildLayer({
-        plan,
-        seed: options.seed,
-        entropy: options.entropy,
-        compression,
-        compressionLevel: options.compressionLevel,
-        knownDiffId: diffId || undefined,
-        // The registry checks every byte against the digest on the final PUT (a mismatch is
-        // DIGEST_INVALID): hashing the blob here too would take CPU the registry needs.
-        knownDigest: result.descriptor.digest,
-        // pushBlobWithRetry commits the blob once it has checked the digest.
-        writers: [uncommitted(writer)],
-        signal: sig,
-        onProgress: fileProgress(task),
-      });
-      task.done();
-      diffId = built.diffId;
-      return built.descriptor;
-    }, {
-      mediaType: result.descriptor.mediaType,
-      expected: result.descriptor,
-      retries: options.retries,
-      onSkipped: () =>
-        options.progress.info(
-          `${label}: ${result.descriptor.digest.slice(0, 19)} already in the registry, skipped`,
-        ),
-      onRetry: (attempt, err) =>
-        options.progress.warn(
-          `${label}: upload failed (${err.cause.message}); regenerating and retrying (${attempt}/${
-            options.retries ?? sink.retries
-          })`,
-        ),
+  sig: AbortSignal,
+): Promise<PushEntry> {
+  const { plan, label, result, cached } = entry;
+  let diffId = result.diffId;
+  const pushed = pushBlobWithRetry(sink, async (writer) => {
+    const task = options.progress.task(`push ${label}`, tarSize(plan));
+    const built = await buildLayer({
+      plan,
+      seed: options.seed,
+      entropy: options.entropy,
+      compression,
+      compressionLevel: options.compressionLevel,
+      knownDiffId: diffId || undefined,
+      // The registry checks every byte against the digest on the final PUT (a mismatch is
+      // DIGEST_INVALID): hashing the blob here too would take CPU the registry needs.
+      knownDigest: result.descriptor.digest,
+      // pushBlobWithRetry commits the blob once it has checked the digest.
+      writers: [uncommitted(writer)],
+      signal: sig,
+      onProgress: fileProgress(task),
     });
-    try {
-      await pushed;
-    } catch (err) {
-      // A digest that differs from a cached one points at the cache, not at the content. The
-      // registry finds it (DIGEST_INVALID), or our own check does when a size differs.
-      const mismatch = err instanceof BlobMismatchError ||
-        (err instanceof RegistryError && err.code === "DIGEST_INVALID");
-      if (!cached || !mismatch) throw err;
-      throw new Error(
-        `${label}: ${(err as Error).message}; the digest came from the layer cache: ` +
-          `run again with --no-cache, or delete ${CACHE_HINT}`,
-        { cause: err },
-      );
-    }
-    if (!diffId) {
-      // Skipped by the HEAD before any upload pass: the diffID needs the tar itself.
-      const task = options.progress.task(`diffID ${label}`, tarSize(plan));
-      const tar = await buildLayer({
-        plan,
-        seed: options.seed,
-        entropy: options.entropy,
-        compression: "none",
-        signal: sig,
-        onProgress: fileProgress(task),
-      });
-      task.done(tar.diffId.slice(0, 19));
-      diffId = tar.diffId;
-    }
-    return { ...entry, result: { ...result, diffId } };
-  }, { limit: options.maxConcurrent ?? 5, signal: options.signal });
+    task.done();
+    diffId = built.diffId;
+    return built.descriptor;
+  }, {
+    mediaType: result.descriptor.mediaType,
+    expected: result.descriptor,
+    retries: options.retries,
+    onSkipped: () =>
+      options.progress.info(
+        `${label}: ${result.descriptor.digest.slice(0, 19)} already in the registry, skipped`,
+      ),
+    onRetry: (attempt, err) =>
+      options.progress.warn(
+        `${label}: upload failed (${err.cause.message}); regenerating and retrying (${attempt}/${
+          options.retries ?? sink.retries
+        })`,
+      ),
+  });
+  try {
+    await pushed;
+  } catch (err) {
+    // A digest that differs from a cached one points at the cache, not at the content. The
+    // registry finds it (DIGEST_INVALID), or our own check does when a size differs.
+    const mismatch = err instanceof BlobMismatchError ||
+      (err instanceof RegistryError && err.code === "DIGEST_INVALID");
+    if (!cached || !mismatch) throw err;
+    throw new Error(
+      `${label}: ${(err as Error).message}; the digest came from the layer cache: ` +
+        `run again with --no-cache, or delete ${CACHE_HINT}`,
+      { cause: err },
+    );
+  }
+  if (!diffId) {
+    // Skipped by the HEAD before any upload pass: the diffID needs the tar itself.
+    const task = options.progress.task(`diffID ${label}`, tarSize(plan));
+    const tar = await buildLayer({
+      plan,
+      seed: options.seed,
+      entropy: options.entropy,
+      compression: "none",
+      signal: sig,
+      onProgress: fileProgress(task),
+    });
+    task.done(tar.diffId.slice(0, 19));
+    diffId = tar.diffId;
+  }
+  return { ...entry, result: { ...result, diffId } };
 }
 
 /** A view of `writer` whose commit does nothing, for a producer whose caller commits. */

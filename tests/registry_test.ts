@@ -453,6 +453,37 @@ Deno.test("createRegistrySink() survives faults from a proxy and fails cleanly w
 /** What `--json` prints for a push run. */
 type PushSummary = Omit<NativeSummary, "printed">;
 
+Deno.test("imgmkr --output push uploads each layer once its digest is known, not after all", async () => {
+  await withRegistry(async (registry) => {
+    const ref = `localhost:${registry.port}/t/pipelined:1`;
+    // One layer at a time makes the order plain: hash 1, push 1, hash 2, push 2.
+    const r = await runCli([
+      "--layer-sizes",
+      "12MB,9MB",
+      "--seed",
+      "21",
+      "--no-cache",
+      "--max-concurrent",
+      "1",
+      "--output",
+      "push",
+      ref,
+    ]);
+    assertEquals(r.code, 0, r.stderr);
+    const lines = r.stderr.split("\n").map((l) => l.trim());
+    const at = (prefix: string) => {
+      const i = lines.findIndex((l) => l.startsWith(prefix));
+      assert(i >= 0, `no line starting '${prefix}' in:\n${r.stderr}`);
+      return i;
+    };
+    assert(at("layer1 (1 file): done") < at("push layer1: done"), r.stderr);
+    assert(at("push layer1: done") < at("layer2 (1 file): done"), r.stderr);
+    assert(at("layer2 (1 file): done") < at("push layer2: done"), r.stderr);
+    const info = JSON.parse(await skopeo("inspect", "--tls-verify=false", `docker://${ref}`));
+    assertEquals(r.stdout, `localhost:${registry.port}/t/pipelined@${info.Digest}\n`);
+  });
+});
+
 Deno.test("imgmkr --output push: the pushed image is what oci: writes, and docker pulls it", async (t) => {
   await requireDocker();
   await withRegistry(async (registry) => {
