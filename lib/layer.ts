@@ -120,14 +120,8 @@ export async function buildLayer(options: BuildLayerOptions): Promise<LayerResul
     const blobHash = none || options.knownDigest !== undefined ? undefined : createHash("sha256");
     // Big tars are generated on a Worker. Where the tar is hashed balances the two threads: a
     // compressed layer's tar on the Worker (this thread hashes the blob), a plain tar here.
-    const hashHere = none && !skipTarHash && !Deno.env.get("X_W")
-      ? createHash("sha256")
-      : undefined;
-    const stream = tarSegmentStream(plan, {
-      seed,
-      entropy,
-      hash: (!none || !!Deno.env.get("X_W")) && !skipTarHash,
-    });
+    const hashHere = none && !skipTarHash ? createHash("sha256") : undefined;
+    const stream = tarSegmentStream(plan, { seed, entropy, hash: !none && !skipTarHash });
     const tar: TarCount = { bytes: 0 };
     let reported = 0;
     const source = countedTar(stream, tar, hashHere, signal);
