@@ -434,11 +434,17 @@ export async function engineApiLoad(
 ): Promise<ChildResult> {
   const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socket } });
   try {
-    // The host is not used (the socket is); the API version is the daemon's own.
+    // The host is not used (the socket is).
     let res: Response;
     let text: string;
     try {
-      res = await fetch("http://docker/images/load?quiet=1", {
+      // The daemon's own API version, from /_ping as the docker CLI negotiates it: paths
+      // without a version are deprecated, and a fixed old one may be below a new daemon's minimum.
+      const ping = await fetch("http://docker/_ping", { client, signal: options.signal });
+      await ping.body?.cancel();
+      const version = ping.headers.get("api-version");
+      const prefix = version && /^\d+\.\d+$/.test(version) ? `/v${version}` : "";
+      res = await fetch(`http://docker${prefix}/images/load?quiet=1`, {
         method: "POST",
         headers: { "content-type": "application/x-tar" },
         body,
@@ -447,6 +453,8 @@ export async function engineApiLoad(
       });
       text = await res.text();
     } catch (err) {
+      // A body the request never took must be cancelled, or its writer waits forever.
+      if (!body.locked) await body.cancel(err).catch(() => {});
       if (options.signal?.aborted) throw err;
       // "fetch failed" alone says nothing: the cause names the socket error.
       const cause = (err as Error).cause;

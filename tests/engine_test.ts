@@ -13,6 +13,7 @@ import {
   DEFAULT_DOCKER_SOCKET,
   detectBuilder,
   dockerSocket,
+  engineApiLoad,
   findOnPath,
   LOADERS,
   runChild,
@@ -257,6 +258,77 @@ Deno.test("dockerSocket() finds the daemon's unix socket only where the docker C
       }
     } finally {
       listener.close();
+    }
+  });
+});
+
+Deno.test("engineApiLoad() speaks the daemon's API version and reports what it says", async (t) => {
+  // An in-process stand-in for the Engine API on a unix socket: it answers /_ping with the
+  // version given, and POST <prefix>/images/load with the reply given, recording what it got.
+  await withTempDir(async (dir) => {
+    const cases = [
+      {
+        name: "a versioned path from /_ping's API-Version; the bytes arrive whole",
+        version: "1.47",
+        path: "/v1.47/images/load",
+        reply: { status: 200, body: '{"stream":"Loaded image: t/x:1\\n"}\n' },
+        want: { code: 0, tail: "Loaded image: t/x:1" },
+      },
+      {
+        name: "no API-Version: the unversioned path",
+        version: undefined,
+        path: "/images/load",
+        reply: { status: 200, body: '{"stream":"Loaded image: t/x:1\\n"}\n' },
+        want: { code: 0, tail: "Loaded image: t/x:1" },
+      },
+      {
+        name: "an error inside a 200 stream is a failure with its message",
+        version: "1.41",
+        path: "/v1.41/images/load",
+        reply: {
+          status: 200,
+          body: '{"errorDetail":{"message":"invalid diffID for layer 0"},"error":"x"}\n',
+        },
+        want: { code: 1, tail: "invalid diffID for layer 0" },
+      },
+      {
+        name: "an HTTP error is its status with the message",
+        version: "1.41",
+        path: "/v1.41/images/load",
+        reply: { status: 500, body: '{"message":"no space left on device"}' },
+        want: { code: 500, tail: "no space left on device" },
+      },
+    ];
+    for (const [i, c] of cases.entries()) {
+      await t.step(c.name, async () => {
+        const socket = `${dir}/engine-${i}.sock`;
+        let loadedPath = "";
+        let received = 0;
+        const server = Deno.serve(
+          { transport: "unix", path: socket, onListen: () => {} },
+          async (req) => {
+            const url = new URL(req.url);
+            if (url.pathname === "/_ping") {
+              return new Response("OK", {
+                headers: c.version ? { "API-Version": c.version } : {},
+              });
+            }
+            loadedPath = `${url.pathname}?${url.searchParams}`;
+            for await (const chunk of req.body!) received += chunk.length;
+            return new Response(c.reply.body, { status: c.reply.status });
+          },
+        );
+        try {
+          const bytes = new Uint8Array(3 * 1024 * 1024 + 5);
+          const body = new Blob([bytes]).stream();
+          const result = await engineApiLoad(socket, body);
+          assertEquals(result, c.want);
+          assertEquals(loadedPath, `${c.path}?quiet=1`);
+          assertEquals(received, bytes.length);
+        } finally {
+          await server.shutdown();
+        }
+      });
     }
   });
 });
