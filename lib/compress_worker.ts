@@ -14,9 +14,12 @@ self.onmessage = (e: MessageEvent<{ id: number; job: GzipJob; spare?: ArrayBuffe
   try {
     // Into the spare output buffer the caller sent back, when it fits.
     const out = encodeGzipJob(job, spare);
-    // The job's buffer goes back too, for reuse: left here it would only pile up as garbage.
+    // The job's buffer (and a spare the output did not need) go back too, for reuse: left here
+    // they would only pile up as garbage.
     const input = job.data.buffer as ArrayBuffer;
-    self.postMessage({ id, out, input }, [out.buffer as ArrayBuffer, input]);
+    const unused = spare && out.buffer !== spare ? spare : undefined;
+    const transfer = [out.buffer as ArrayBuffer, input, ...(unused ? [unused] : [])];
+    self.postMessage({ id, out, input, unused }, transfer);
   } catch (err) {
     self.postMessage({ id, error: err instanceof Error ? err.message : String(err) });
   }

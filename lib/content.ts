@@ -15,6 +15,22 @@ import { createHash } from "node:crypto";
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 /** Granularity of the random/pattern split when `entropy` < 100. */
 export const ENTROPY_UNIT = 64 * 1024;
+/** Random bytes at the start of each {@linkcode ENTROPY_UNIT} for an `entropy` below 100. */
+export function randomBytesPerUnit(entropy: number): number {
+  return Math.floor((ENTROPY_UNIT * entropy) / 100);
+}
+
+/**
+ * The segment lengths {@linkcode fileSegments} makes over and over for this
+ * `entropy` (whole chunks, or the random and pattern runs of each unit);
+ * other lengths come at most once per file.
+ */
+export function repeatedSegmentLengths(entropy: number): number[] {
+  if (entropy >= 100) return [DEFAULT_CHUNK_SIZE];
+  const random = randomBytesPerUnit(entropy);
+  return [random, ENTROPY_UNIT - random].filter((n) => n > 0);
+}
+
 /** Length of the repeating pattern used for the compressible part. */
 const PATTERN_LENGTH = 256;
 /** Bumped whenever the byte stream changes, so digests from old versions never collide. */
@@ -152,7 +168,7 @@ export function* fileSegments(size: number, options: ContentOptions): Generator<
     return;
   }
   const pattern = patternFor(options.seed, options.key);
-  const randomPerUnit = Math.floor((ENTROPY_UNIT * entropy) / 100);
+  const randomPerUnit = randomBytesPerUnit(entropy);
   let off = 0;
   while (off < size) {
     const inUnit = off % ENTROPY_UNIT;

@@ -11,7 +11,7 @@
  */
 
 import { createHash, type Hash } from "node:crypto";
-import { DEFAULT_CHUNK_SIZE, fileSegments, type Segment } from "./content.ts";
+import { fileSegments, repeatedSegmentLengths, type Segment } from "./content.ts";
 import { compareBytes, type LayerPlan } from "./plan.ts";
 
 /** Tar block size: headers and data are padded to whole blocks. */
@@ -192,8 +192,13 @@ export const TAR_WORKER_MIN_BYTES = 64 * 1024 * 1024;
 export const TAR_BATCH_BYTES = 1024 * 1024;
 /** Batches the Worker may run ahead of the consumer: memory stays at about this many × 1 MiB. */
 const TAR_BATCHES_AHEAD = 4;
-/** Most released buffers waiting to go back to the Worker: enough for the batches ahead. */
-const TAR_SPARE_BUFFERS = 8;
+/**
+ * Most bytes of released buffers on their way back to the Worker, and kept
+ * there for refilling: a few batches' worth.
+ */
+export const TAR_SPARE_BYTES = 4 * 1024 * 1024;
+/** Released buffers smaller than this are not worth sending back. */
+const MIN_REUSED_BYTES = 16 * 1024;
 
 /** Options for {@linkcode tarSegmentStream}. */
 export interface TarStreamOptions extends TarOptions {
@@ -250,6 +255,11 @@ export function tarSegmentStream(plan: LayerPlan, options: TarStreamOptions): Ta
   let digest: string | undefined;
   const inline = tarSize(plan) < (options.workerMinBytes ?? TAR_WORKER_MIN_BYTES);
   const released: ArrayBuffer[] = [];
+  let releasedBytes = 0;
+  // Only buffers of a length the Worker makes again are worth sending back.
+  const reusable = new Set(
+    repeatedSegmentLengths(options.entropy ?? 100).filter((n) => n >= MIN_REUSED_BYTES),
+  );
   async function* segments(): AsyncGenerator<Segment> {
     if (inline) {
       const hash = maybeHash(options.hash);
@@ -260,17 +270,24 @@ export function tarSegmentStream(plan: LayerPlan, options: TarStreamOptions): Ta
       digest = hash ? `sha256:${hash.digest("hex")}` : "";
       return;
     }
-    yield* workerSegments(plan, options, released, (d) => digest = d);
+    const takeReleased = () => {
+      releasedBytes = 0;
+      return released.splice(0);
+    };
+    yield* workerSegments(plan, options, takeReleased, (d) => digest = d);
   }
   return {
     [Symbol.asyncIterator]: segments,
     release(bytes) {
-      // Only whole chunk buffers are worth reusing; the Worker gets them with its next request.
+      // A whole buffer of a length the Worker makes again and again (1 MiB chunks, the random and
+      // pattern runs of --entropy) is refilled; it goes back with the Worker's next request.
+      const size = bytes.byteLength;
       if (
-        !inline && bytes.byteOffset === 0 && bytes.buffer.byteLength === DEFAULT_CHUNK_SIZE &&
-        bytes.byteLength === DEFAULT_CHUNK_SIZE && released.length < TAR_SPARE_BUFFERS
+        !inline && bytes.byteOffset === 0 && bytes.buffer.byteLength === size &&
+        reusable.has(size) && releasedBytes + size <= TAR_SPARE_BYTES
       ) {
         released.push(bytes.buffer as ArrayBuffer);
+        releasedBytes += size;
       }
     },
     digest() {
@@ -293,7 +310,7 @@ export function runningTarWorkers(): number {
 async function* workerSegments(
   plan: LayerPlan,
   options: TarStreamOptions,
-  released: ArrayBuffer[],
+  takeReleased: () => ArrayBuffer[],
   onDigest: (digest: string) => void,
 ): AsyncGenerator<Segment> {
   const worker = new Worker(new URL("./tar_worker.ts", import.meta.url), { type: "module" });
@@ -324,7 +341,7 @@ async function* workerSegments(
       if (reply.error !== undefined) throw new Error(`tar generator failed: ${reply.error}`);
       if (reply.done === undefined) {
         // One taken, one more may be made, into the buffers handed back meanwhile.
-        for (const buffer of released.splice(0)) worker.postMessage(buffer, [buffer]);
+        for (const buffer of takeReleased()) worker.postMessage(buffer, [buffer]);
         worker.postMessage("more");
       }
       yield* reply.batch!;

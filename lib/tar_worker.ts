@@ -9,9 +9,9 @@
 /// <reference lib="deno.worker" />
 
 import { createHash, type Hash } from "node:crypto";
-import { DEFAULT_CHUNK_SIZE, type Segment } from "./content.ts";
+import type { Segment } from "./content.ts";
 import type { LayerPlan } from "./plan.ts";
-import { TAR_BATCH_BYTES, tarSegments, type TarWorkerReply } from "./tar.ts";
+import { TAR_BATCH_BYTES, TAR_SPARE_BYTES, tarSegments, type TarWorkerReply } from "./tar.ts";
 
 /** The request that starts the generation. */
 interface Start {
@@ -25,12 +25,24 @@ interface Start {
 let segments: Generator<Segment> | undefined;
 let hash: Hash | undefined;
 let credit = 0;
-/** Buffers handed back, refilled before any new one is allocated. */
-const spare: ArrayBuffer[] = [];
+/** Buffers handed back, by size, refilled before a new one of that size is allocated. */
+const spare = new Map<number, ArrayBuffer[]>();
+let spareBytes = 0;
 
 function alloc(length: number): Uint8Array {
-  const reused = spare.length > 0 && length === DEFAULT_CHUNK_SIZE ? spare.pop() : undefined;
-  return reused ? new Uint8Array(reused) : new Uint8Array(length);
+  const reused = spare.get(length)?.pop();
+  if (!reused) return new Uint8Array(length);
+  spareBytes -= length;
+  return new Uint8Array(reused);
+}
+
+function keep(buffer: ArrayBuffer): void {
+  // Sizes that never come again (mock-fs files) must not pile up: beyond the cap, drop.
+  if (spareBytes + buffer.byteLength > TAR_SPARE_BYTES) return;
+  const list = spare.get(buffer.byteLength) ?? [];
+  list.push(buffer);
+  spare.set(buffer.byteLength, list);
+  spareBytes += buffer.byteLength;
 }
 
 // "more" asks for one more batch; an ArrayBuffer is one the consumer is done with. (Plain
@@ -39,7 +51,7 @@ self.onmessage = (e: MessageEvent<Start | "more" | ArrayBuffer>) => {
   if (e.data === "more") {
     credit++;
   } else if (e.data instanceof ArrayBuffer) {
-    spare.push(e.data);
+    keep(e.data);
     return;
   } else {
     const { plan, seed, entropy } = e.data;

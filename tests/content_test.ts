@@ -1,5 +1,5 @@
 import { assert, assertEquals, assertNotEquals } from "./support/assert.ts";
-import { ENTROPY_UNIT, fileSegments, Xorshift128 } from "../lib/content.ts";
+import { ENTROPY_UNIT, fileSegments, repeatedSegmentLengths, Xorshift128 } from "../lib/content.ts";
 import { run } from "./support/docker.ts";
 
 function collect(
@@ -83,4 +83,17 @@ Deno.test("fileSegments() entropy sets the share of random bytes, which gzip can
 Deno.test("support run() works (sanity of the helper the tests rely on)", async () => {
   assertEquals((await run(["true"])).code, 0);
   assertEquals((await run(["false"])).code, 1);
+});
+
+Deno.test("repeatedSegmentLengths() names every segment length fileSegments() makes but a file's last", async (t) => {
+  for (const entropy of [100, 75, 50, 25, 1, 0]) {
+    await t.step(`entropy ${entropy}`, () => {
+      const lengths = new Set(repeatedSegmentLengths(entropy));
+      const segs = [...fileSegments(5 * 1024 * 1024 + 123, { seed: 3, key: "k", entropy })];
+      for (const seg of segs.slice(0, -1)) {
+        assert(lengths.has(seg.bytes.length), `${seg.bytes.length} not in ${[...lengths]}`);
+      }
+      assert(lengths.size >= 1 && lengths.size <= 2);
+    });
+  }
 });
