@@ -255,6 +255,49 @@ Deno.test("--output load streams the image into docker and podman with no temp d
   }
 });
 
+Deno.test("--output load next to a gzip oci: output loads the same layers, from a second plain pass", async () => {
+  await requireDocker();
+  const tag = "imgmkr-test/load-and-oci:1";
+  try {
+    await withTempDir(async (dir) => {
+      // 70 MB: big enough for the Worker-generated tar, whose plain second pass is not hashed
+      // again (docker checks every layer against the diffIDs of the first pass).
+      const r = await runCli([
+        "--layer-sizes",
+        "70MB,2MB",
+        "--seed",
+        "13",
+        "--entropy",
+        "60",
+        "--output",
+        `oci:${dir}/l`,
+        "--output",
+        "load",
+        "--builder",
+        "docker",
+        "--json",
+        tag,
+      ]);
+      assertEquals(r.code, 0, r.stderr);
+      const summary = JSON.parse(r.stdout) as Summary;
+      for (const l of summary.layers) {
+        assertEquals(l.mediaType, "application/vnd.oci.image.layer.v1.tar+gzip");
+      }
+      const out = await mustRun([
+        "docker",
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RootFS.Layers}}",
+        tag,
+      ]);
+      assertEquals(JSON.parse(out), summary.layers.map((l) => l.diffId));
+    });
+  } finally {
+    await run(["docker", "rmi", "-f", tag]);
+  }
+});
+
 Deno.test("--platform with several values writes an index that skopeo shows with both platforms", async (t) => {
   await withTempDir(async (dir) => {
     const base = [
