@@ -257,8 +257,9 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
   const loadInMainPass = sinks.load !== undefined && compression === "none";
   const mainSinks = loadInMainPass ? [...sinks.local, sinks.load!] : sinks.local;
   // Only a registry: the first pass is for the HEADs, which need just the blob digests; the
-  // upload pass (or, for a blob the registry has, a tar-only pass) computes the diffIDs.
-  const registryOnly = sinks.registry !== undefined && sinks.all.length === 1;
+  // upload pass (or, for a blob the registry has, a tar-only pass) computes the diffIDs. Each
+  // layer is then pushed as soon as its digest is known, while others are still being hashed.
+  const pushNow = sinks.all.length === 1 ? sinks.registry : undefined;
   try {
     // 1. Layers: one pass per distinct layer into the main sinks (hash-only when there are none).
     const distinct = new Map<string, { plan: LayerPlan; label: string }>();
@@ -274,9 +275,6 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
     });
     const entries = [...distinct.entries()];
     const totalBytes = entries.reduce((s, [, v]) => s + v.plan.size, 0);
-    // Only a registry: each layer is pushed as soon as its digest is known, while others are
-    // still being hashed.
-    const pushNow = registryOnly ? sinks.registry : undefined;
     progress.stage(
       `Building ${entries.length} layer${entries.length === 1 ? "" : "s"} (${
         formatSize(totalBytes)
@@ -332,8 +330,8 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
         task.done(r.descriptor.digest.slice(0, 19));
       }
       if (pushNow) {
-        const entry = { key, plan, label, result: r, cached: cached !== undefined };
-        r = (await pushLayer(pushNow, entry, options, compression, sig)).result;
+        const entry = { plan, label, result: r, cached: cached !== undefined };
+        r = await pushLayer(pushNow, entry, options, compression, sig);
       }
       results.set(key, r);
       if (!cached) await options.cache?.put(cacheInput, r);
@@ -380,7 +378,6 @@ export async function runNative(options: NativeOptions): Promise<NativeSummary> 
       if (!pushNow) {
         const layers = entries.map(([key, v]) => ({
           ...v,
-          key,
           result: results.get(key)!,
           cached: fromCache.has(key),
         }));
@@ -564,7 +561,6 @@ async function uncompressedPass(
 
 /** A layer to push: its first pass's result, whose diffId may still be "". */
 interface PushEntry {
-  key: string;
   plan: LayerPlan;
   label: string;
   result: LayerResult;
@@ -579,7 +575,7 @@ interface PushEntry {
  * left out is computed by the upload pass, or for a blob the registry
  * already has, by a pass over the tar alone.
  *
- * @returns the layer with its complete result.
+ * @returns the layer's result with its diffID.
  */
 async function pushLayer(
   sink: RegistrySink,
@@ -587,7 +583,7 @@ async function pushLayer(
   options: NativeOptions,
   compression: Compression,
   sig: AbortSignal,
-): Promise<PushEntry> {
+): Promise<LayerResult> {
   const { plan, label, result, cached } = entry;
   let diffId = result.diffId;
   const pushed = pushBlobWithRetry(sink, async (writer) => {
@@ -653,7 +649,7 @@ async function pushLayer(
     task.done(tar.diffId.slice(0, 19));
     diffId = tar.diffId;
   }
-  return { ...entry, result: { ...result, diffId } };
+  return { ...result, diffId };
 }
 
 /** A view of `writer` whose commit does nothing, for a producer whose caller commits. */

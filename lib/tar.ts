@@ -10,7 +10,7 @@
  * @module
  */
 
-import { createHash, type Hash } from "node:crypto";
+import { createHash } from "node:crypto";
 import { fileSegments, repeatedSegmentLengths, type Segment } from "./content.ts";
 import { compareBytes, type LayerPlan } from "./plan.ts";
 
@@ -240,11 +240,6 @@ export interface TarStream extends AsyncIterable<Segment> {
   digest(): string;
 }
 
-/** The hash of segments, or none. */
-function maybeHash(hash: boolean | undefined): Hash | undefined {
-  return hash ? createHash("sha256") : undefined;
-}
-
 /**
  * The same segments as {@linkcode tarSegments}, generated (and hashed, with
  * `hash: true`) on a Worker for big layers, so the calling thread is left to
@@ -262,7 +257,7 @@ export function tarSegmentStream(plan: LayerPlan, options: TarStreamOptions): Ta
   );
   async function* segments(): AsyncGenerator<Segment> {
     if (inline) {
-      const hash = maybeHash(options.hash);
+      const hash = options.hash ? createHash("sha256") : undefined;
       for (const seg of tarSegments(plan, options)) {
         hash?.update(seg.bytes);
         yield seg;
